@@ -1,0 +1,282 @@
+"""`AIMBackbone`: the AIM trunk as a keras-hub `Backbone` (any backend)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras_hub.models import Backbone
+
+from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
+from keras_aim.layers import (
+    AIMPatchEmbedding,
+    AIMSinCosPositionEmbedding,
+    AIMTransformerBlock,
+)
+from keras_aim.presets import AIM_PRESETS, get_preset
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMBackbone(Backbone):
+    """The AIM-v1 trunk: a ViT without class token.
+
+    images `(B, H, W, C)` -> patch embedding + LayerNorm `(B, H/p, W/p, D)`
+    -> + fixed 2-D sin-cos position embedding -> raster-order tokens
+    `(B, N, D)` with `N = H/p * W/p` -> `num_layers` pre-norm blocks ->
+    `post_trunk_norm` -> `(B, N, D)`.
+
+    Calling the backbone returns the post_trunk_norm tokens. Use
+    `block_outputs()` for the outputs of individual blocks (before the final
+    norm), and `encode()` to run the trunk with an attention mask.
+
+    Args:
+        image_shape: `(height, width, channels)`; height and width may be
+            `None`, then any multiple of `patch_size` works.
+        patch_size: side of the square patches.
+        hidden_dim: token width D.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        layer_norm_epsilon: epsilon of every LayerNorm (1e-6 for the released
+            weights; the training code uses 1e-5).
+        dtype: dtype policy of the layers, e.g. `"bfloat16"`.
+
+    Example:
+    ```python
+    backbone = keras_aim.AIMBackbone.from_preset("aim_600m", load_weights=False)
+    tokens = backbone(images)                          # (B, 256, 1536)
+    blocks = backbone.block_outputs(images, [22, 23])  # 2 x (B, 256, 1536)
+    ```
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple = (224, 224, 3),
+        patch_size: int = 14,
+        hidden_dim: int = 1536,
+        num_layers: int = 24,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        layer_norm_epsilon: float = 1e-6,
+        dtype=None,
+        **kwargs,
+    ):
+        image_shape = tuple(image_shape)
+        _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads)
+
+        # === Layers ===
+        self.patch_embedding = AIMPatchEmbedding(
+            hidden_dim,
+            patch_size,
+            layer_norm_epsilon,
+            dtype=dtype,
+            name="patch_embedding",
+        )
+        self.position_embedding = AIMSinCosPositionEmbedding(
+            dtype=dtype, name="position_embedding"
+        )
+        self.flatten_grid = keras.layers.Reshape(
+            (-1, hidden_dim), dtype=dtype, name="flatten_grid"
+        )
+        self.blocks = [
+            AIMTransformerBlock(
+                hidden_dim,
+                num_heads,
+                mlp_ratio,
+                layer_norm_epsilon,
+                dtype=dtype,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.post_trunk_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="post_trunk_norm"
+        )
+
+        # === Config ===
+        # Set before the functional graph is built: `encode` reads them.
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+        # === Functional Model ===
+        inputs = keras.Input(shape=image_shape, name="images")
+        tokens, blocks = self._run_trunk(
+            inputs, None, range(num_layers), final_norm=True
+        )
+        super().__init__(inputs=inputs, outputs=tokens, dtype=dtype, **kwargs)
+        # Symbolic per-block outputs, for tasks that wire probes on them
+        # (like keras-hub's `pyramid_outputs`).
+        self.block_output_tensors = blocks
+
+    # --- Running the trunk -------------------------------------------------
+
+    def _run_trunk(self, images, attention_mask, block_indices, final_norm):
+        wanted = sorted(set(block_indices))
+        last = wanted[-1] if wanted else -1
+        if final_norm:
+            last = self.num_layers - 1
+        x = self.position_embedding(self.patch_embedding(images))
+        x = self.flatten_grid(x)
+        outputs = {}
+        for i in range(last + 1):
+            x = self.blocks[i](x, attention_mask=attention_mask)
+            outputs[i] = x
+        picked = [outputs[i] for i in block_indices]
+        return (self.post_trunk_norm(x) if final_norm else None), picked
+
+    def check_images(self, images) -> None:
+        """Raises a `ValueError` naming the problem if `images` does not fit."""
+        check_image_shape(
+            tuple(images.shape),
+            self.patch_size,
+            self.image_shape[-1],
+            where=type(self).__name__,
+        )
+
+    def normalize_block_indices(
+        self, indices: Sequence[int] | None
+    ) -> list[int]:
+        """Turns block indices (negative allowed) into non-negative ints."""
+        if indices is None:
+            return list(range(self.num_layers))
+        result = []
+        for index in indices:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise TypeError(
+                    f"Block indices must be ints; received {index!r} in "
+                    f"{indices!r}."
+                )
+            if not -self.num_layers <= index < self.num_layers:
+                raise ValueError(
+                    f"Block index {index} is out of range for a trunk with "
+                    f"{self.num_layers} blocks; use 0..{self.num_layers - 1} "
+                    "(or negative indices from the end)."
+                )
+            result.append(index % self.num_layers)
+        return result
+
+    def block_outputs(self, images, indices: Sequence[int] | None = None):
+        """Outputs of transformer blocks, before `post_trunk_norm`.
+
+        Args:
+            images: `(B, H, W, C)`, H and W multiples of `patch_size`.
+            indices: block indices (negative count from the end); all
+                blocks when `None`.
+
+        Returns:
+            A list of `(B, N, D)` tensors, one per index, in the given order.
+        """
+        self.check_images(images)
+        indices = self.normalize_block_indices(indices)
+        _, outputs = self._run_trunk(images, None, indices, final_norm=False)
+        return outputs
+
+    def encode(self, images, attention_mask=None):
+        """Runs the trunk, optionally with an attention mask.
+
+        Args:
+            images: `(B, H, W, C)`.
+            attention_mask: boolean, broadcastable to `(B, heads, N, N)`
+                (see `keras_aim.layers.prefix_causal_mask`); `None` for full
+                bidirectional attention.
+
+        Returns:
+            `(B, N, D)` post_trunk_norm tokens.
+        """
+        self.check_images(images)
+        tokens, _ = self._run_trunk(images, attention_mask, (), final_norm=True)
+        return tokens
+
+    def __call__(self, images, *args, **kwargs):
+        if hasattr(images, "shape"):
+            self.check_images(images)
+        return super().__call__(images, *args, **kwargs)
+
+    @property
+    def num_patches(self) -> int | None:
+        """Tokens per image at `image_shape`, or `None` if it is dynamic."""
+        height, width = self.image_shape[:2]
+        if height is None or width is None:
+            return None
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    # --- Serialization ----------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": self.image_shape,
+                "patch_size": self.patch_size,
+                "hidden_dim": self.hidden_dim,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "mlp_ratio": self.mlp_ratio,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
+        """Builds an AIM trunk from a preset.
+
+        `preset` is one of `keras_aim.AIM_PRESETS` (`aim_600m`, `aim_1b`,
+        `aim_3b`, `aim_7b`), a local keras-hub preset directory, or a
+        `kaggle://` / `hf://` handle. Keyword arguments override the config
+        (e.g. `dtype="bfloat16"`, `image_shape=(None, None, 3)`).
+        """
+        if _is_builtin_name(preset):
+            config = dict(get_preset(preset)["config"])
+            if load_weights:
+                raise NotImplementedError(
+                    f"Downloading the released weights of {preset!r} is not "
+                    "available yet. Build the architecture with "
+                    f"`from_preset({preset!r}, load_weights=False)` and load "
+                    "downloaded files with "
+                    "`keras_aim.load_official_weights(model, backbone_file=...)`."
+                )
+            config.update(kwargs)
+            return cls(**config)
+        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+
+
+def _is_builtin_name(preset) -> bool:
+    """True for bare names (no path, no handle): they must be our presets."""
+    import os
+
+    if not isinstance(preset, str):
+        return False
+    if preset in AIM_PRESETS:
+        return True
+    if "://" in preset or os.path.exists(preset) or os.sep in preset:
+        return False
+    get_preset(preset)  # raises the "unknown preset" error
+    return True
+
+
+def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):
+    if len(image_shape) != 3:
+        raise ValueError(
+            "image_shape must be (height, width, channels); received "
+            f"{image_shape}."
+        )
+    for size, name in zip(image_shape[:2], ("height", "width")):
+        if size is not None and (size <= 0 or size % patch_size):
+            valid = " or ".join(map(str, nearest_valid_sizes(size, patch_size)))
+            raise ValueError(
+                f"image_shape {name} {size} is not a multiple of patch_size "
+                f"{patch_size}; use {valid}, or None for any size."
+            )
+    if hidden_dim % num_heads or hidden_dim % 4:
+        raise ValueError(
+            f"hidden_dim={hidden_dim} must be divisible by num_heads="
+            f"{num_heads} and by 4 (for the 2-D sin-cos position embedding)."
+        )
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1; received {num_layers}.")

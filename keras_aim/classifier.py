@@ -1,0 +1,148 @@
+"""`AIMImageClassifier`: AIM trunk + the released attentive probe."""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import keras
+from keras_hub.models import ImageClassifier, Task
+
+from keras_aim.backbone import AIMBackbone
+from keras_aim.layers import AIMAttentionProbe
+from keras_aim.preprocessing import AIMImageClassifierPreprocessor
+from keras_aim.presets import PROBE_NUM_BLOCKS, AIM_PRESETS, preset_for_architecture
+
+ProbeLayers = Union[str, int, Sequence[int]]
+
+
+def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]:
+    """Block indices the probe averages.
+
+    `"last"`: the last 6 blocks (all of them if the trunk has fewer);
+    `"best"`: the released presets' best 6 blocks (spec table);
+    an int n: the last n blocks; a sequence: explicit (negative allowed).
+    """
+    depth = backbone.num_layers
+    if isinstance(probe_layers, str):
+        if probe_layers == "last":
+            start = max(depth - PROBE_NUM_BLOCKS, 0)
+            return tuple(range(start, depth))
+        if probe_layers == "best":
+            name = preset_for_architecture(backbone.get_config())
+            if name is None:
+                raise ValueError(
+                    "probe_layers='best' is defined only for the released "
+                    f"architectures ({', '.join(AIM_PRESETS)}); this trunk "
+                    f"(hidden_dim={backbone.hidden_dim}, num_layers={depth}) "
+                    "is not one of them. Pass explicit block indices, e.g. "
+                    "probe_layers=(2, 3)."
+                )
+            return AIM_PRESETS[name]["best_probe_layers"]
+        raise ValueError(
+            f"probe_layers must be 'last', 'best', an int or block indices; "
+            f"received {probe_layers!r}."
+        )
+    if isinstance(probe_layers, int) and not isinstance(probe_layers, bool):
+        if not 1 <= probe_layers <= depth:
+            raise ValueError(
+                f"probe_layers={probe_layers} asks for the last "
+                f"{probe_layers} blocks of a {depth}-block trunk; use 1.."
+                f"{depth}."
+            )
+        return tuple(range(depth - probe_layers, depth))
+    indices = backbone.normalize_block_indices(list(probe_layers))
+    if not indices:
+        raise ValueError("probe_layers is empty; name at least one block.")
+    if len(set(indices)) != len(indices):
+        raise ValueError(
+            f"probe_layers {tuple(probe_layers)} names a block twice; each "
+            "block may be averaged once."
+        )
+    return tuple(indices)
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMImageClassifier(ImageClassifier):
+    """AIM trunk + attentive probe over the average of several blocks.
+
+    images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
+    `probe_layers`, averaged `(B, N, D)` -> `AIMAttentionProbe` ->
+    logits `(B, num_classes)`.
+
+    Args:
+        backbone: an `AIMBackbone`.
+        num_classes: number of classes (1000 for the released heads).
+        probe_layers: `"last"` (last 6 blocks), `"best"` (the released
+            presets' best 6), an int n (last n blocks) or block indices.
+        preprocessor: optional `AIMImageClassifierPreprocessor`; with it,
+            `predict` takes raw uint8 images of any size.
+        activation: optional activation on the logits (e.g. "softmax").
+        head_dtype: dtype policy of the probe; the backbone's by default.
+    """
+
+    backbone_cls = AIMBackbone
+    preprocessor_cls = AIMImageClassifierPreprocessor
+
+    def __init__(
+        self,
+        backbone: AIMBackbone,
+        num_classes: int,
+        probe_layers: ProbeLayers = "last",
+        preprocessor: AIMImageClassifierPreprocessor | None = None,
+        activation=None,
+        head_dtype=None,
+        **kwargs,
+    ):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"num_classes must be a positive int; received {num_classes!r}."
+            )
+        indices = resolve_probe_layers(probe_layers, backbone)
+        head_dtype = head_dtype or backbone.dtype_policy
+
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.probe = AIMAttentionProbe(
+            backbone.hidden_dim,
+            num_classes,
+            backbone.num_heads,
+            activation=activation,
+            dtype=head_dtype,
+            name="probe",
+        )
+
+        # === Functional Model ===
+        inputs = backbone.input
+        features = [backbone.block_output_tensors[i] for i in indices]
+        if len(features) > 1:
+            features = keras.layers.Average(dtype=head_dtype, name="block_average")(
+                features
+            )
+        else:
+            features = features[0]
+        outputs = self.probe(features)
+        Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.num_classes = num_classes
+        self.probe_layers = indices
+        self.activation = activation
+
+    def __call__(self, images, *args, **kwargs):
+        if hasattr(images, "shape"):
+            self.backbone.check_images(images)
+        return super().__call__(images, *args, **kwargs)
+
+    def get_config(self):
+        config = Task.get_config(self)
+        config.update(
+            {
+                "num_classes": self.num_classes,
+                "probe_layers": list(self.probe_layers),
+                "activation": keras.activations.serialize(
+                    keras.activations.get(self.activation)
+                ),
+            }
+        )
+        return config

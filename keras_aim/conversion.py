@@ -1,0 +1,275 @@
+"""Loading Apple's released AIM-v1 state dicts into Keras models.
+
+Released files are PyTorch state dicts (`*_backbone.pth` with `preprocessor.*`
+and `trunk.*` keys, `*_head_*_layers.pth` with `head.*` keys); safetensors
+files and in-memory dicts with the same key names work too. Layouts:
+torch Linear `(out, in)` -> Keras kernel `(in, out)`; torch conv `OIHW` ->
+Keras `HWIO`; everything else as is.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Union
+
+import numpy as np
+
+StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
+
+# Keys in released files that carry no model state.
+IGNORED_KEYS = frozenset({"head.bn.num_batches_tracked"})
+
+
+def _identity(x):
+    return x
+
+
+def _linear(x):  # torch (out, in) -> Keras (in, out)
+    return x.T
+
+
+def _conv(x):  # torch (O, I, H, W) -> Keras (H, W, I, O)
+    return x.transpose(2, 3, 1, 0)
+
+
+def _torch_shape(keras_shape: tuple, transform: Callable) -> tuple:
+    """The shape a released tensor must have to fill a Keras variable."""
+    if transform is _linear:
+        return tuple(reversed(keras_shape))
+    if transform is _conv:
+        h, w, i, o = keras_shape
+        return (o, i, h, w)
+    return tuple(keras_shape)
+
+
+class WeightLoadingError(ValueError):
+    """Released weights do not fit the model; nothing was loaded."""
+
+
+def trunk_variable_map(backbone) -> dict[str, tuple[Any, Callable]]:
+    """Released key -> (Keras variable, layout transform) for an AIMBackbone."""
+    pe = backbone.patch_embedding
+    table = {
+        "preprocessor.patchifier.proj.weight": (pe.proj.kernel, _conv),
+        "preprocessor.patchifier.proj.bias": (pe.proj.bias, _identity),
+        "preprocessor.patchifier.norm.weight": (pe.norm.gamma, _identity),
+        "preprocessor.patchifier.norm.bias": (pe.norm.beta, _identity),
+        "trunk.post_trunk_norm.weight": (backbone.post_trunk_norm.gamma, _identity),
+        "trunk.post_trunk_norm.bias": (backbone.post_trunk_norm.beta, _identity),
+    }
+    for i, block in enumerate(backbone.blocks):
+        prefix = f"trunk.blocks.{i}."
+        table.update(
+            {
+                prefix + "norm_1.weight": (block.norm_1.gamma, _identity),
+                prefix + "norm_1.bias": (block.norm_1.beta, _identity),
+                prefix + "attn.qkv.weight": (block.attn.qkv.kernel, _linear),
+                prefix + "attn.proj.weight": (block.attn.proj.kernel, _linear),
+                prefix + "norm_2.weight": (block.norm_2.gamma, _identity),
+                prefix + "norm_2.bias": (block.norm_2.beta, _identity),
+                prefix + "mlp.fc1.weight": (block.mlp.fc1.kernel, _linear),
+                prefix + "mlp.fc2.weight": (block.mlp.fc2.kernel, _linear),
+            }
+        )
+    return table
+
+
+def probe_variable_map(probe) -> dict[str, tuple[Any, Callable]]:
+    """Released key -> (Keras variable, transform) for an AIMAttentionProbe."""
+    return {
+        "head.cls_token": (probe.cls_token, _identity),
+        "head.k.weight": (probe.k.kernel, _linear),
+        "head.v.weight": (probe.v.kernel, _linear),
+        "head.linear.weight": (probe.linear.kernel, _linear),
+        "head.bn.running_mean": (probe.bn.moving_mean, _identity),
+        "head.bn.running_var": (probe.bn.moving_variance, _identity),
+    }
+
+
+class _StateDict:
+    """Lazy, read-only view of one state dict: shapes without loading, then
+    one tensor at a time as a NumPy array."""
+
+    def __init__(self, source: StateDictLike):
+        self.name = "<in-memory dict>"
+        self._safetensors = None
+        if isinstance(source, Mapping):
+            self._tensors = dict(source)
+        else:
+            path = os.fspath(source)
+            self.name = path
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"Released weight file {path!r} does not exist. Download "
+                    "it (see keras_aim.AIM_PRESETS for names and URLs) or fix "
+                    "the path."
+                )
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._safetensors = safe_open(path, framework="numpy")
+                self._tensors = None
+            else:
+                self._tensors = _torch_load(path)
+
+    def keys(self) -> list[str]:
+        if self._safetensors is not None:
+            return list(self._safetensors.keys())
+        return list(self._tensors.keys())
+
+    def shape(self, key: str) -> tuple:
+        if self._safetensors is not None:
+            return tuple(self._safetensors.get_slice(key).get_shape())
+        return tuple(self._tensors[key].shape)
+
+    def array(self, key: str) -> np.ndarray:
+        if self._safetensors is not None:
+            return self._safetensors.get_tensor(key)
+        return _to_numpy(self._tensors[key])
+
+
+def _torch_load(path: str):
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"Reading {path!r} (a PyTorch .pth file) needs torch. Install it "
+            "with `pip install torch==2.13.0` (the CPU wheel is enough), or "
+            "convert the file to .safetensors."
+        ) from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for bad files
+        raise WeightLoadingError(
+            f"Could not read {path!r} as a PyTorch state dict ({error}). The "
+            "file may be truncated or not a released AIM checkpoint; delete "
+            "it and download it again."
+        ) from error
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    if hasattr(tensor, "detach"):  # torch.Tensor
+        tensor = tensor.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":
+            tensor = tensor.float()
+        return tensor.numpy()
+    return np.asarray(tensor)
+
+
+def _model_parts(model):
+    """(backbone, probe or None) of an AIMBackbone or AIMImageClassifier."""
+    from keras_aim.backbone import AIMBackbone
+    from keras_aim.classifier import AIMImageClassifier
+
+    if isinstance(model, AIMImageClassifier):
+        return model.backbone, model.probe
+    if isinstance(model, AIMBackbone):
+        return model, None
+    raise TypeError(
+        "load_official_weights expects an AIMBackbone or AIMImageClassifier; "
+        f"received {type(model).__name__}."
+    )
+
+
+def load_official_weights(
+    model,
+    backbone_file: StateDictLike | None = None,
+    head_file: StateDictLike | None = None,
+) -> None:
+    """Loads released AIM-v1 weights into an `AIMBackbone` or
+    `AIMImageClassifier`.
+
+    Args:
+        model: the Keras model (its architecture must match the files).
+        backbone_file: a released `*_backbone.pth`, a `.safetensors` file, or
+            a dict of arrays with `preprocessor.*` / `trunk.*` keys. A file
+            that also holds `head.*` keys fills the classifier's probe.
+        head_file: a released `*_head_{last,best}_layers.pth` (or the same
+            other forms) with `head.*` keys; classifiers only.
+
+    Loading is strict and all-or-nothing: every key and shape is checked
+    before any variable changes, and one `WeightLoadingError` lists every
+    missing key, unexpected key and shape mismatch. Variables are then filled
+    one tensor at a time, so no second full copy of the weights is held.
+    """
+    backbone, probe = _model_parts(model)
+    if backbone_file is None and head_file is None:
+        raise ValueError(
+            "load_official_weights needs backbone_file and/or head_file."
+        )
+    if head_file is not None and probe is None:
+        raise ValueError(
+            "head_file was given but the model is an AIMBackbone, which has "
+            "no probe head. Load it into an AIMImageClassifier instead."
+        )
+    sources = [
+        _StateDict(s) for s in (backbone_file, head_file) if s is not None
+    ]
+    found = {}  # key -> source
+    for source in sources:
+        for key in source.keys():
+            if key not in IGNORED_KEYS:
+                found[key] = source
+
+    trunk_map = trunk_variable_map(backbone)
+    head_map = probe_variable_map(probe) if probe is not None else {}
+    expected = {}
+    if backbone_file is not None:
+        expected.update(trunk_map)
+    if head_file is not None or any(k.startswith("head.") for k in found):
+        expected.update(head_map)
+    known = {**trunk_map, **head_map}
+
+    missing, unexpected, mismatched = [], [], []
+    for key, (variable, transform) in expected.items():
+        want = _torch_shape(tuple(variable.shape), transform)
+        if key not in found:
+            missing.append(f"{key}  expected shape {want}")
+        elif found[key].shape(key) != want:
+            mismatched.append(
+                f"{key}  expected shape {want}, found {found[key].shape(key)}"
+            )
+    for key, source in found.items():
+        if key not in expected:
+            reason = (
+                "head keys need an AIMImageClassifier"
+                if key in known or key.startswith("head.")
+                else "not an AIM-v1 key for this model"
+            )
+            unexpected.append(f"{key}  shape {source.shape(key)} ({reason})")
+    if missing or unexpected or mismatched:
+        raise WeightLoadingError(
+            _problem_report(model, sources, missing, unexpected, mismatched)
+        )
+
+    for key, (variable, transform) in expected.items():
+        _assign(variable, transform(found[key].array(key)))
+
+
+def _assign(variable, value: np.ndarray) -> None:
+    from keras import ops
+
+    variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
+
+
+def _problem_report(model, sources, missing, unexpected, mismatched) -> str:
+    lines = [
+        f"Cannot load released weights from "
+        f"{', '.join(s.name for s in sources)} into "
+        f"{type(model).__name__}; nothing was loaded."
+    ]
+    for title, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            lines.append(f"{len(items)} {title}:")
+            lines.extend(f"  {item}" for item in items)
+    lines.append(
+        "Check that the files belong to this architecture (e.g. aim_600m "
+        "files for an aim_600m model, a head for the same num_classes) and "
+        "that backbone and head files are passed as such."
+    )
+    return "\n".join(lines)
+

@@ -1,0 +1,22 @@
+"""AIM building blocks, written with `keras.ops` only (any backend)."""
+
+from keras_aim.layers.attention import AIMAttention, prefix_causal_mask
+from keras_aim.layers.attention_probe import AIMAttentionProbe
+from keras_aim.layers.mlp import AIMMLP
+from keras_aim.layers.patch_embedding import AIMPatchEmbedding
+from keras_aim.layers.position_embedding import (
+    AIMSinCosPositionEmbedding,
+    sincos_2d_position_embedding,
+)
+from keras_aim.layers.transformer_block import AIMTransformerBlock
+
+__all__ = [
+    "AIMAttention",
+    "AIMAttentionProbe",
+    "AIMMLP",
+    "AIMPatchEmbedding",
+    "AIMSinCosPositionEmbedding",
+    "AIMTransformerBlock",
+    "prefix_causal_mask",
+    "sincos_2d_position_embedding",
+]

@@ -1,0 +1,113 @@
+"""The attentive probe: attention pooling with one learned query, then a
+linear classifier (the released `head`)."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMAttentionProbe(keras.layers.Layer):
+    """Attention-pooling classifier head of the released AIM checkpoints.
+
+    1. `bn`: BatchNormalization over D without scale/center (eps 1e-6).
+    2. One learned query `cls_token` (1, 1, D), used as is (no projection);
+       keys `k` and values `v` are bias-free Dense D -> D; multi-head
+       attention with `num_heads` heads pools the tokens to `(batch, D)`.
+    3. `linear`: bias-free Dense D -> num_classes.
+
+    Args:
+        hidden_dim: feature width D.
+        num_classes: number of output logits.
+        num_heads: attention heads (the trunk's).
+        epsilon: BatchNormalization epsilon.
+        activation: optional activation on the logits.
+
+    Call arguments:
+        x: `(batch, N, D)` features (the trunk's averaged block outputs).
+        training: BatchNormalization uses batch statistics when `True`.
+
+    Returns:
+        `(batch, num_classes)`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_classes: int,
+        num_heads: int,
+        epsilon: float = 1e-6,
+        activation=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if hidden_dim % num_heads != 0:
+            raise ValueError(
+                f"Probe width hidden_dim={hidden_dim} is not divisible by "
+                f"num_heads={num_heads}."
+            )
+        self.hidden_dim = hidden_dim
+        self.num_classes = num_classes
+        self.num_heads = num_heads
+        self.epsilon = epsilon
+        self.activation = keras.activations.get(activation)
+        self.bn = keras.layers.BatchNormalization(
+            center=False,
+            scale=False,
+            epsilon=epsilon,
+            momentum=0.9,  # torch's momentum=0.1
+            dtype=self.dtype_policy,
+            name="bn",
+        )
+        self.k = keras.layers.Dense(
+            hidden_dim, use_bias=False, dtype=self.dtype_policy, name="k"
+        )
+        self.v = keras.layers.Dense(
+            hidden_dim, use_bias=False, dtype=self.dtype_policy, name="v"
+        )
+        self.linear = keras.layers.Dense(
+            num_classes, use_bias=False, dtype=self.dtype_policy, name="linear"
+        )
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+        self.k.build(input_shape)
+        self.v.build(input_shape)
+        self.cls_token = self.add_weight(
+            name="cls_token",
+            shape=(1, 1, self.hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+        self.linear.build((input_shape[0], self.hidden_dim))
+        self.built = True
+
+    def call(self, x, training=None):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
+        x = self.bn(x, training=training)
+        k = ops.reshape(self.k(x), (batch, length, heads, head_dim))
+        v = ops.reshape(self.v(x), (batch, length, heads, head_dim))
+        q = ops.cast(self.cls_token, k.dtype)
+        q = ops.broadcast_to(
+            ops.reshape(q, (1, 1, heads, head_dim)), (batch, 1, heads, head_dim)
+        )
+        pooled = ops.dot_product_attention(q, k, v)  # (B, 1, H, hd)
+        pooled = ops.reshape(pooled, (batch, self.hidden_dim))
+        return self.activation(self.linear(pooled))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_classes": self.num_classes,
+                "num_heads": self.num_heads,
+                "epsilon": self.epsilon,
+                "activation": keras.activations.serialize(self.activation),
+            }
+        )
+        return config

@@ -1,0 +1,53 @@
+"""The bias-free two-layer GELU MLP of AIM blocks."""
+
+from __future__ import annotations
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMMLP(keras.layers.Layer):
+    """`fc2(gelu(fc1(x)))` with exact (erf) GELU and no biases.
+
+    Args:
+        hidden_dim: input and output width D.
+        intermediate_dim: width of the hidden layer (D * mlp_ratio).
+
+    Call arguments:
+        x: `(..., D)`.
+
+    Returns:
+        `(..., D)`.
+    """
+
+    def __init__(self, hidden_dim: int, intermediate_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.fc1 = keras.layers.Dense(
+            intermediate_dim, use_bias=False, dtype=self.dtype_policy, name="fc1"
+        )
+        self.fc2 = keras.layers.Dense(
+            hidden_dim, use_bias=False, dtype=self.dtype_policy, name="fc2"
+        )
+
+    def build(self, input_shape):
+        self.fc1.build(input_shape)
+        self.fc2.build((*input_shape[:-1], self.intermediate_dim))
+        self.built = True
+
+    def call(self, x):
+        return self.fc2(keras.activations.gelu(self.fc1(x), approximate=False))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+            }
+        )
+        return config

@@ -1,0 +1,85 @@
+"""Patch embedding: a strided convolution (with bias) followed by LayerNorm."""
+
+from __future__ import annotations
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMPatchEmbedding(keras.layers.Layer):
+    """Cuts images into `patch_size` squares and projects each to `hidden_dim`.
+
+    Matches the released `preprocessor.patchifier`: `Conv2D(hidden_dim,
+    kernel=stride=patch_size, bias)` then `LayerNorm(hidden_dim)`.
+
+    Args:
+        hidden_dim: output width D.
+        patch_size: side p of the square patches.
+        layer_norm_epsilon: epsilon of the LayerNorm.
+
+    Call arguments:
+        images: `(batch, height, width, channels)`, height and width multiples
+            of `patch_size`.
+
+    Returns:
+        `(batch, height / p, width / p, hidden_dim)` normalized patch tokens.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        patch_size: int,
+        layer_norm_epsilon: float = 1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.patch_size = patch_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.proj = keras.layers.Conv2D(
+            hidden_dim,
+            kernel_size=patch_size,
+            strides=patch_size,
+            padding="valid",
+            use_bias=True,
+            kernel_initializer="glorot_uniform",
+            data_format="channels_last",
+            dtype=self.dtype_policy,
+            name="proj",
+        )
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
+        )
+
+    def build(self, input_shape):
+        # Xavier-uniform over the kernel viewed as a (p*p*C, D) matrix, as in
+        # the released training code; Keras' glorot would count the receptive
+        # field in both fans.
+        fan_in = self.patch_size**2 * input_shape[-1]
+        receptive = self.patch_size**2
+        self.proj.kernel_initializer = keras.initializers.VarianceScaling(
+            scale=(fan_in + receptive * self.hidden_dim)
+            / (fan_in + self.hidden_dim),
+            mode="fan_avg",
+            distribution="uniform",
+        )
+        self.proj.build(input_shape)
+        self.norm.build(self.proj.compute_output_shape(input_shape))
+        self.built = True
+
+    def call(self, images):
+        return self.norm(self.proj(images))
+
+    def compute_output_shape(self, input_shape):
+        return self.proj.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "patch_size": self.patch_size,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,131 @@
+"""AIM evaluation preprocessing: resize the shorter side, center crop,
+ImageNet mean/std. Subclasses of keras-hub's ImageConverter and
+ImageClassifierPreprocessor, so presets save and load them."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.layers import ImageConverter
+from keras_hub.models import ImageClassifierPreprocessor
+
+from keras_aim.backbone import AIMBackbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_FRACTION = 0.875  # resize to 224 / 0.875 = 256, crop 224
+
+
+def _shorter_side_size(height, width, target: int):
+    """(new_height, new_width) with the shorter side equal to `target`,
+    keeping the aspect ratio (torchvision `Resize(int)` rounding)."""
+    if height <= width:
+        return target, int(target * width / height)
+    return int(target * height / width), target
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMImageConverter(ImageConverter):
+    """Resize the shorter side to `resize_size` (bicubic, antialiased),
+    center crop `image_size`, scale to [0, 1], normalize with ImageNet
+    mean/std: the released evaluation transform.
+
+    Input: uint8 or float images in [0, 255], `(H, W, 3)` or `(B, H, W, 3)`,
+    any H and W. Output: float `(..., image_size[0], image_size[1], 3)`.
+
+    Args:
+        image_size: `(height, width)` of the center crop.
+        resize_size: shorter side before cropping; defaults to
+            `round(min(image_size) / 0.875)` (256 for 224).
+        scale, offset: per-channel affine applied after resizing; default
+            to ImageNet normalization of [0, 255] pixels.
+    """
+
+    backbone_cls = AIMBackbone
+
+    def __init__(
+        self,
+        image_size=(224, 224),
+        resize_size: int | None = None,
+        scale=None,
+        offset=None,
+        interpolation: str = "bicubic",
+        antialias: bool = True,
+        **kwargs,
+    ):
+        if scale is None and offset is None:
+            scale = [1.0 / (255.0 * s) for s in IMAGENET_STD]
+            offset = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        super().__init__(
+            image_size=image_size,
+            scale=scale,
+            offset=offset,
+            interpolation=interpolation,
+            antialias=antialias,
+            **kwargs,
+        )
+        if resize_size is None and image_size is not None:
+            resize_size = round(min(image_size) / DEFAULT_CROP_FRACTION)
+        self.resize_size = resize_size
+
+    def _resize_and_crop(self, images):
+        """Shorter side -> resize_size, then center crop to image_size."""
+        if self.image_size is None:
+            return images
+        crop_h, crop_w = self.image_size
+        unbatched = len(images.shape) == 3
+        if unbatched:
+            images = images[None]
+        height, width = images.shape[1], images.shape[2]
+        if height is None or width is None:
+            raise ValueError(
+                "AIMImageConverter needs images with a known height and "
+                "width; in a tf.data pipeline of differently sized images, "
+                "map it over single images (before batching) instead."
+            )
+        new_h, new_w = _shorter_side_size(height, width, self.resize_size)
+        if new_h < crop_h or new_w < crop_w:
+            raise ValueError(
+                f"resize_size={self.resize_size} is smaller than the crop "
+                f"{self.image_size}; use resize_size >= {max(crop_h, crop_w)}."
+            )
+        if (new_h, new_w) != (height, width):
+            images = ops.image.resize(
+                ops.cast(images, "float32"),
+                (new_h, new_w),
+                interpolation=self.interpolation,
+                antialias=self.antialias,
+            )
+        top = int(round((new_h - crop_h) / 2.0))
+        left = int(round((new_w - crop_w) / 2.0))
+        images = images[:, top : top + crop_h, left : left + crop_w, :]
+        return images[0] if unbatched else images
+
+    def _call_python(self, inputs):
+        if not hasattr(inputs, "shape"):  # lists of same-sized images
+            inputs = ops.convert_to_tensor(np.asarray(inputs))
+        x = self._resize_and_crop(inputs)
+        if self.scale is not None:
+            scale = self._expand_non_channel_dims(self.scale, x)
+            x, scale = self._convert_types(x, scale, self.compute_dtype)
+            x = x * scale
+        if self.offset is not None:
+            offset = self._expand_non_channel_dims(self.offset, x)
+            x, offset = self._convert_types(x, offset, x.dtype)
+            x = x + offset
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config["resize_size"] = self.resize_size
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMImageClassifierPreprocessor(ImageClassifierPreprocessor):
+    """Applies `AIMImageConverter` to images, passing labels through."""
+
+    backbone_cls = AIMBackbone
+    image_converter_cls = AIMImageConverter
+

@@ -1,0 +1,113 @@
+"""The released AIM-v1 models: architectures, checkpoints and reported numbers.
+
+This table is data, not code: everything here comes from the AIM paper and
+Apple's release (see `weights/manifest.json`, generated from it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
+
+_COMMON = {
+    "image_shape": (224, 224, 3),
+    "patch_size": 14,
+    "mlp_ratio": 4.0,
+    "layer_norm_epsilon": 1e-6,
+}
+
+
+def _preset(width, depth, heads, params, best, images, files, top1):
+    return {
+        "config": {
+            **_COMMON,
+            "hidden_dim": width,
+            "num_layers": depth,
+            "num_heads": heads,
+        },
+        "trunk_params": params,
+        "best_probe_layers": tuple(range(best, best + 6)),
+        "pretraining_images": images,
+        "files": files,
+        "imagenet_top1": dict(zip(("last", "best", "lora_r8"), top1)),
+    }
+
+
+def _files(stem, backbone_sha, last_sha, best_sha):
+    return {
+        "backbone": (f"{stem}_attnprobe_backbone.pth", backbone_sha),
+        "head_last": (f"{stem}_attnprobe_head_last_layers.pth", last_sha),
+        "head_best": (f"{stem}_attnprobe_head_best_layers.pth", best_sha),
+    }
+
+
+AIM_PRESETS: dict[str, dict[str, Any]] = {
+    "aim_600m": _preset(
+        1536, 24, 12, 680_535_552, 14, "2B",
+        _files("aim_600m_2bimgs", "0d6f6b8f", "5ce5a341", "ebd45c05"),
+        (78.5, 79.4, 81.0),
+    ),
+    "aim_1b": _preset(
+        2048, 24, 16, 1_209_370_624, 12, "5B",
+        _files("aim_1b_5bimgs", "d254ecd3", "db3be2ad", "f1ed7852"),
+        (80.6, 82.3, 83.6),
+    ),
+    "aim_3b": _preset(
+        3072, 24, 24, 2_720_025_600, 12, "5B",
+        _files("aim_3b_5bimgs", "8475ce4e", "5c057b30", "ad380e16"),
+        (82.2, 83.3, 85.5),
+    ),
+    "aim_7b": _preset(
+        4096, 32, 32, 6_445_404_160, 14, "5B",
+        _files("aim_7b_5bimgs", "184ed94c", "1e5c99ba", "73ecd732"),
+        (82.4, 84.0, 86.3),
+    ),
+}
+
+PROBE_NUM_BLOCKS = 6  # The released heads average 6 blocks.
+IMAGENET_NUM_CLASSES = 1000
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """Returns the table entry of a released preset, or raises a ValueError
+    that lists the valid names."""
+    if name not in AIM_PRESETS:
+        raise ValueError(
+            f"Unknown AIM preset {name!r}. Valid presets: "
+            f"{', '.join(AIM_PRESETS)}; or pass a local preset directory or "
+            "a kaggle:// / hf:// handle."
+        )
+    return AIM_PRESETS[name]
+
+
+def trunk_parameter_count(
+    hidden_dim: int,
+    num_layers: int,
+    patch_size: int,
+    num_channels: int = 3,
+    mlp_ratio: float = 4.0,
+) -> int:
+    """Analytic parameter count of an AIM trunk.
+
+    Patch conv (with bias) + patch LayerNorm + `num_layers` blocks (two
+    LayerNorms, bias-free qkv/proj/fc1/fc2) + final LayerNorm.
+    """
+    d, hidden = hidden_dim, int(hidden_dim * mlp_ratio)
+    patch = patch_size * patch_size * num_channels * d + d + 2 * d
+    block = 4 * d + 3 * d * d + d * d + 2 * d * hidden
+    return patch + num_layers * block + 2 * d
+
+
+def probe_parameter_count(hidden_dim: int, num_classes: int) -> int:
+    """Trainable parameters of the attentive probe: k, v, cls_token, linear."""
+    return 2 * hidden_dim * hidden_dim + hidden_dim + num_classes * hidden_dim
+
+
+def preset_for_architecture(config: dict[str, Any]) -> str | None:
+    """Name of the released preset with this architecture, if any."""
+    keys = ("hidden_dim", "num_layers", "num_heads", "patch_size")
+    for name, entry in AIM_PRESETS.items():
+        if all(entry["config"][k] == config.get(k) for k in keys):
+            return name
+    return None
