@@ -13,7 +13,7 @@ from keras_aim.layers import (
     AIMSinCosPositionEmbedding,
     AIMTransformerBlock,
 )
-from keras_aim.presets import AIM_PRESETS, get_preset
+from keras_aim.presets import builtin_preset
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -129,14 +129,29 @@ class AIMBackbone(Backbone):
         picked = [outputs[i] for i in block_indices]
         return (self.post_trunk_norm(x) if final_norm else None), picked
 
-    def check_images(self, images) -> None:
-        """Raises a `ValueError` naming the problem if `images` does not fit."""
-        check_image_shape(
-            tuple(images.shape),
-            self.patch_size,
-            self.image_shape[-1],
-            where=type(self).__name__,
-        )
+    def check_images(self, images, exact_size: bool = False) -> None:
+        """Raises a `ValueError` naming the problem if `images` do not fit.
+
+        With `exact_size`, height and width must also equal a fixed
+        `image_shape` (the functional model's input); otherwise any multiple
+        of the patch size is accepted.
+        """
+        shape = tuple(images.shape)
+        where = type(self).__name__
+        check_image_shape(shape, self.patch_size, self.image_shape[-1], where)
+        if not exact_size:
+            return
+        for axis, name in ((0, "height"), (1, "width")):
+            built, got = self.image_shape[axis], shape[axis + 1]
+            if built is not None and got is not None and built != got:
+                raise ValueError(
+                    f"{where} was built for images of shape "
+                    f"{self.image_shape} but received shape {shape} "
+                    f"({name} {got} != {built}). Resize the images, use "
+                    "block_outputs()/encode() (any multiple of the patch "
+                    "size), or build the model with image_shape="
+                    f"(None, None, {self.image_shape[-1]})."
+                )
 
     def normalize_block_indices(
         self, indices: Sequence[int] | None
@@ -194,7 +209,7 @@ class AIMBackbone(Backbone):
 
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
-            self.check_images(images)
+            self.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
 
     @property
@@ -231,33 +246,10 @@ class AIMBackbone(Backbone):
         `kaggle://` / `hf://` handle. Keyword arguments override the config
         (e.g. `dtype="bfloat16"`, `image_shape=(None, None, 3)`).
         """
-        if _is_builtin_name(preset):
-            config = dict(get_preset(preset)["config"])
-            if load_weights:
-                raise NotImplementedError(
-                    f"Downloading the released weights of {preset!r} is not "
-                    "available yet. Build the architecture with "
-                    f"`from_preset({preset!r}, load_weights=False)` and load "
-                    "downloaded files with "
-                    "`keras_aim.load_official_weights(model, backbone_file=...)`."
-                )
-            config.update(kwargs)
-            return cls(**config)
+        entry = builtin_preset(preset, load_weights)
+        if entry is not None:
+            return cls(**{**entry["config"], **kwargs})
         return super().from_preset(preset, load_weights=load_weights, **kwargs)
-
-
-def _is_builtin_name(preset) -> bool:
-    """True for bare names (no path, no handle): they must be our presets."""
-    import os
-
-    if not isinstance(preset, str):
-        return False
-    if preset in AIM_PRESETS:
-        return True
-    if "://" in preset or os.path.exists(preset) or os.sep in preset:
-        return False
-    get_preset(preset)  # raises the "unknown preset" error
-    return True
 
 
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):

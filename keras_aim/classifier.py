@@ -9,8 +9,17 @@ from keras_hub.models import ImageClassifier, Task
 
 from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMAttentionProbe
-from keras_aim.preprocessing import AIMImageClassifierPreprocessor
-from keras_aim.presets import PROBE_NUM_BLOCKS, AIM_PRESETS, preset_for_architecture
+from keras_aim.preprocessing import (
+    AIMImageClassifierPreprocessor,
+    AIMImageConverter,
+)
+from keras_aim.presets import (
+    AIM_PRESETS,
+    IMAGENET_NUM_CLASSES,
+    PROBE_NUM_BLOCKS,
+    builtin_preset,
+    preset_for_architecture,
+)
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -131,7 +140,7 @@ class AIMImageClassifier(ImageClassifier):
 
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
-            self.backbone.check_images(images)
+            self.backbone.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
 
     def get_config(self):
@@ -146,3 +155,32 @@ class AIMImageClassifier(ImageClassifier):
             }
         )
         return config
+
+    @classmethod
+    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
+        """Builds the classifier from a preset.
+
+        For a released preset name (`aim_600m`, ...) this is the trunk, the
+        released 1000-class probe (`probe_layers="best"` unless given) and
+        the evaluation preprocessor. Local preset directories and
+        `kaggle://` / `hf://` handles go through keras-hub's loader.
+        """
+        entry = builtin_preset(preset, load_weights)
+        if entry is None:
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        backbone_kwargs = {
+            k: kwargs.pop(k) for k in ("dtype", "image_shape") if k in kwargs
+        }
+        backbone = AIMBackbone.from_preset(
+            preset, load_weights=False, **backbone_kwargs
+        )
+        height, width = entry["config"]["image_shape"][:2]
+        kwargs.setdefault(
+            "preprocessor",
+            AIMImageClassifierPreprocessor(
+                AIMImageConverter(image_size=(height, width))
+            ),
+        )
+        kwargs.setdefault("num_classes", IMAGENET_NUM_CLASSES)
+        kwargs.setdefault("probe_layers", "best")
+        return cls(backbone=backbone, **kwargs)

@@ -25,6 +25,15 @@ def _shorter_side_size(height, width, target: int):
     return int(target * height / width), target
 
 
+def _to_float32(images):
+    """Casts on TensorFlow inside tf.data graphs, on the backend elsewhere."""
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():
+        return tf.cast(images, "float32")
+    return ops.cast(images, "float32")
+
+
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMImageConverter(ImageConverter):
     """Resize the shorter side to `resize_size` (bicubic, antialiased),
@@ -91,12 +100,17 @@ class AIMImageConverter(ImageConverter):
                 f"{self.image_size}; use resize_size >= {max(crop_h, crop_w)}."
             )
         if (new_h, new_w) != (height, width):
-            images = ops.image.resize(
-                ops.cast(images, "float32"),
-                (new_h, new_w),
+            # A keras Resizing layer runs on TensorFlow inside tf.data and on
+            # the active backend elsewhere; it keeps integer input dtypes in
+            # eager mode, so cast first.
+            images = keras.layers.Resizing(
+                new_h,
+                new_w,
                 interpolation=self.interpolation,
                 antialias=self.antialias,
-            )
+                dtype="float32",
+            )(_to_float32(images))
+        # torchvision's CenterCrop offsets (round, not floor).
         top = int(round((new_h - crop_h) / 2.0))
         left = int(round((new_w - crop_w) / 2.0))
         images = images[:, top : top + crop_h, left : left + crop_w, :]

@@ -6,6 +6,8 @@ Apple's release (see `weights/manifest.json`, generated from it).
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
@@ -79,6 +81,30 @@ def get_preset(name: str) -> dict[str, Any]:
             "a kaggle:// / hf:// handle."
         )
     return AIM_PRESETS[name]
+
+
+def builtin_preset(preset, load_weights: bool) -> dict[str, Any] | None:
+    """The table entry if `preset` names a released preset, else `None`
+    (paths and `kaggle://` / `hf://` handles go to keras-hub's loader).
+
+    A bare name that is not a released preset raises the "unknown preset"
+    error listing the valid names.
+    """
+    if not isinstance(preset, str):
+        return None
+    if preset not in AIM_PRESETS:
+        if "://" in preset or os.path.exists(preset) or os.sep in preset:
+            return None
+        get_preset(preset)  # raises
+    if load_weights:
+        raise NotImplementedError(
+            f"Downloading the released weights of {preset!r} is not "
+            "available yet. Build the architecture with "
+            f"`from_preset({preset!r}, load_weights=False)` and load the "
+            "downloaded files with `keras_aim.load_official_weights(model, "
+            "backbone_file=..., head_file=...)`."
+        )
+    return AIM_PRESETS[preset]
 
 
 def trunk_parameter_count(

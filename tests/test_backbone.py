@@ -1,0 +1,260 @@
+"""AIMBackbone: parity with the released implementation, shapes, errors,
+presets and saving."""
+
+import os
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import keras_aim
+from keras_aim.presets import AIM_PRESETS, trunk_parameter_count
+from tests.conftest import (
+    PARITY_ATOL,
+    TINY_CONFIG,
+    fixture_path,
+    make_tiny_backbone,
+    to_numpy,
+)
+
+
+def test_final_tokens_match_reference(tiny_backbone, reference):
+    got = to_numpy(tiny_backbone(reference["images_nhwc"]))
+    assert got.shape == (3, 16, 64)
+    np.testing.assert_allclose(
+        got, reference["final_normed_tokens"], atol=PARITY_ATOL
+    )
+
+
+def test_every_block_output_matches_reference(tiny_backbone, reference):
+    outputs = tiny_backbone.block_outputs(reference["images_nhwc"])
+    assert len(outputs) == 4
+    for i, (got, want) in enumerate(zip(outputs, reference["block_outputs"])):
+        np.testing.assert_allclose(
+            to_numpy(got), want, atol=PARITY_ATOL, err_msg=f"block {i}"
+        )
+
+
+def test_patch_tokens_with_position_match_reference(tiny_backbone, reference):
+    b = tiny_backbone
+    tokens = b.flatten_grid(
+        b.position_embedding(b.patch_embedding(reference["images_nhwc"]))
+    )
+    np.testing.assert_allclose(
+        to_numpy(tokens), reference["patch_tokens_with_pos"], atol=PARITY_ATOL
+    )
+
+
+def test_predict_matches_call(tiny_backbone, reference):
+    images = reference["images_nhwc"]
+    np.testing.assert_allclose(
+        tiny_backbone.predict(images, verbose=0),
+        to_numpy(tiny_backbone(images)),
+        atol=1e-5,
+    )
+
+
+def test_block_outputs_index_order_and_negative_indices(tiny_backbone, reference):
+    images = reference["images_nhwc"]
+    picked = tiny_backbone.block_outputs(images, [3, -4, 1])
+    for got, index in zip(picked, [3, 0, 1]):
+        np.testing.assert_allclose(
+            to_numpy(got), reference["block_outputs"][index], atol=PARITY_ATOL
+        )
+
+
+@pytest.mark.parametrize("bad", [[4], [-5]])
+def test_block_outputs_out_of_range(tiny_backbone, bad):
+    with pytest.raises(ValueError, match="out of range .* 4 blocks"):
+        tiny_backbone.block_outputs(np.zeros((1, 32, 32, 3), "float32"), bad)
+
+
+def test_encode_without_mask_equals_call(tiny_backbone, reference):
+    images = reference["images_nhwc"]
+    np.testing.assert_allclose(
+        to_numpy(tiny_backbone.encode(images)),
+        to_numpy(tiny_backbone(images)),
+        atol=1e-5,
+    )
+
+
+def test_encode_with_prefix_mask_is_prefix_causal(tiny_backbone, reference):
+    """With a prefix-causal mask, token i must not depend on later patches
+    outside the prefix."""
+    images = reference["images_nhwc"][:1].copy()
+    mask = keras_aim.layers.prefix_causal_mask(np.array([4]), 16)
+    before = to_numpy(tiny_backbone.encode(images, attention_mask=mask))
+    images[:, 24:, 24:, :] += 1.0  # changes the last patch (index 15) only
+    after = to_numpy(tiny_backbone.encode(images, attention_mask=mask))
+    np.testing.assert_allclose(before[:, :15], after[:, :15], atol=1e-5)
+    assert not np.allclose(before[:, 15], after[:, 15])
+
+
+def test_dynamic_image_shape_any_multiple_of_patch(tiny_backbone, reference):
+    dynamic = make_tiny_backbone(image_shape=(None, None, 3))
+    dynamic.set_weights(tiny_backbone.get_weights())
+    images = reference["images_nhwc"]
+    np.testing.assert_allclose(
+        to_numpy(dynamic(images)), to_numpy(tiny_backbone(images)), atol=1e-5
+    )
+    out = dynamic(np.zeros((2, 40, 24, 3), "float32"))
+    assert tuple(out.shape) == (2, 15, 64)
+    assert dynamic.predict(np.zeros((1, 16, 56, 3)), verbose=0).shape == (
+        1, 14, 64
+    )
+
+
+def test_position_embedding_follows_the_actual_grid():
+    """Rows of a 5x3 grid get the row code, columns the column code."""
+    backbone = make_tiny_backbone(image_shape=(None, None, 3), num_layers=1)
+    images = np.zeros((1, 40, 24, 3), "float32")
+    embedded = backbone.position_embedding(backbone.patch_embedding(images))
+    patches = backbone.patch_embedding(images)
+    code = to_numpy(embedded) - to_numpy(patches)
+    expected = to_numpy(keras_aim.layers.sincos_2d_position_embedding(5, 3, 64))
+    np.testing.assert_allclose(code[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((32, 32, 3), r"rank 4.*received shape \(32, 32, 3\).*images\[None\]"),
+        ((1, 32, 32, 4), r"3 channels.*received shape \(1, 32, 32, 4\)"),
+        ((1, 30, 32, 3), r"height 30 is not a multiple of the patch size 8 "
+                         r"\(nearest valid sizes: 24 or 32\)"),
+        ((1, 32, 35, 3), r"width 35 .* \(nearest valid sizes: 32 or 40\)"),
+        ((1, 4, 32, 3), r"height 4 .* \(nearest valid sizes: 8\)"),
+    ],
+)
+def test_bad_image_shapes_raise_clear_errors(shape, message):
+    dynamic = make_tiny_backbone(image_shape=(None, None, 3), num_layers=1)
+    images = np.zeros(shape, "float32")
+    for call in (dynamic, dynamic.block_outputs, dynamic.encode):
+        with pytest.raises(ValueError, match=message):
+            call(images)
+
+
+def test_fixed_shape_mismatch_names_the_fix():
+    backbone = make_tiny_backbone(num_layers=1)
+    with pytest.raises(ValueError, match=r"built for images of shape \(32, 32, 3\)"
+                       r".*image_shape=\(None, None, 3\)"):
+        backbone(np.zeros((1, 40, 32, 3), "float32"))
+    # block_outputs works at any valid size.
+    (out,) = backbone.block_outputs(np.zeros((1, 40, 32, 3), "float32"), [0])
+    assert tuple(out.shape) == (1, 20, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(image_shape=(30, 32, 3)), r"height 30 is not a multiple .* 24 or 32"),
+        (dict(image_shape=(32, 32)), "must be \\(height, width, channels\\)"),
+        (dict(hidden_dim=66, num_heads=3), "divisible by num_heads=3 and by 4"),
+        (dict(num_layers=0), "num_layers must be >= 1"),
+    ],
+)
+def test_bad_configs_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_tiny_backbone(**overrides)
+
+
+def test_analytic_parameter_count_matches_built_model():
+    backbone = make_tiny_backbone(mlp_ratio=3.0)
+    assert backbone.count_params() == trunk_parameter_count(
+        64, 4, 8, mlp_ratio=3.0
+    )
+
+
+@pytest.mark.parametrize("name", list(AIM_PRESETS))
+def test_preset_parameter_counts_equal_the_spec(name):
+    entry = AIM_PRESETS[name]
+    config = entry["config"]
+    assert trunk_parameter_count(
+        config["hidden_dim"], config["num_layers"], config["patch_size"]
+    ) == entry["trunk_params"]
+
+
+SPEC_PARAMS = {
+    "aim_600m": 680_535_552,
+    "aim_1b": 1_209_370_624,
+    "aim_3b": 2_720_025_600,
+    "aim_7b": 6_445_404_160,
+}
+
+
+def test_preset_table_carries_the_spec_numbers():
+    assert {k: v["trunk_params"] for k, v in AIM_PRESETS.items()} == SPEC_PARAMS
+    assert AIM_PRESETS["aim_7b"]["best_probe_layers"] == tuple(range(14, 20))
+    assert AIM_PRESETS["aim_1b"]["best_probe_layers"] == tuple(range(12, 18))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="builds 680M parameters; once (JAX) is enough for CI",
+)
+def test_aim_600m_really_built_has_spec_parameter_count():
+    classifier = keras_aim.AIMImageClassifier.from_preset(
+        "aim_600m", load_weights=False
+    )
+    backbone = classifier.backbone
+    assert backbone.count_params() == SPEC_PARAMS["aim_600m"]
+    assert backbone.num_patches == 256
+    assert classifier.probe_layers == tuple(range(14, 20))
+    assert classifier.preprocessor.image_converter.image_size == (224, 224)
+    # Probe: 2D^2 + D + 1000 D trainable, plus BatchNorm's 2D running stats.
+    d = 1536
+    assert classifier.probe.count_params() == 2 * d * d + d + 1000 * d + 2 * d
+
+
+def test_from_preset_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="aim_600m, aim_1b, aim_3b, aim_7b"):
+        keras_aim.AIMBackbone.from_preset("aim_9b", load_weights=False)
+
+
+def test_from_preset_weights_not_downloadable_yet_says_so():
+    with pytest.raises(NotImplementedError, match="load_official_weights"):
+        keras_aim.AIMBackbone.from_preset("aim_1b")
+
+
+def test_save_to_preset_round_trip(tiny_backbone, reference, tmp_path):
+    images = reference["images_nhwc"]
+    expected = to_numpy(tiny_backbone(images))
+    preset = str(tmp_path / "tiny")
+    tiny_backbone.save_to_preset(preset)
+    assert {"config.json", "metadata.json", "model.weights.h5"} <= set(
+        os.listdir(preset)
+    )
+    for loader in (keras_hub.models.Backbone, keras_aim.AIMBackbone):
+        restored = loader.from_preset(preset)
+        assert isinstance(restored, keras_aim.AIMBackbone)
+        assert restored.get_config() == tiny_backbone.get_config()
+        np.testing.assert_array_equal(to_numpy(restored(images)), expected)
+
+
+def test_keras_file_round_trip(tiny_backbone, reference, tmp_path):
+    images = reference["images_nhwc"]
+    path = str(tmp_path / "backbone.keras")
+    tiny_backbone.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, keras_aim.AIMBackbone)
+    np.testing.assert_array_equal(
+        to_numpy(restored(images)), to_numpy(tiny_backbone(images))
+    )
+
+
+def test_bfloat16_backbone_runs_with_released_weights(reference):
+    backbone = make_tiny_backbone(dtype="bfloat16")
+    keras_aim.load_official_weights(
+        backbone, backbone_file=fixture_path("backbone.pth")
+    )
+    assert backbone.blocks[0].attn.qkv.kernel.dtype == "bfloat16"
+    got = to_numpy(keras.ops.cast(backbone(reference["images_nhwc"]), "float32"))
+    np.testing.assert_allclose(got, reference["final_normed_tokens"], atol=0.1)
+
+
+def test_config_matches_constructor_arguments():
+    config = make_tiny_backbone().get_config()
+    for key, value in TINY_CONFIG.items():
+        assert config[key] == value

@@ -1,0 +1,152 @@
+"""load_official_weights: strict, all-or-nothing, clear errors."""
+
+import numpy as np
+import pytest
+
+import keras_aim
+from keras_aim import WeightLoadingError
+from tests.conftest import (
+    fixture_path,
+    make_tiny_backbone,
+    make_tiny_classifier,
+    to_numpy,
+)
+
+
+def released_state(*names):
+    import torch
+
+    state = {}
+    for name in names:
+        loaded = torch.load(fixture_path(name), weights_only=True)
+        state.update({k: v.numpy() for k, v in loaded.items()})
+    return state
+
+
+def snapshot(model):
+    return [to_numpy(w).copy() for w in model.weights]
+
+
+def assert_unchanged(model, before):
+    for old, new in zip(before, snapshot(model)):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_layouts_are_converted():
+    state = released_state("backbone.pth")
+    backbone = make_tiny_backbone()
+    keras_aim.load_official_weights(backbone, backbone_file=state)
+    np.testing.assert_array_equal(
+        to_numpy(backbone.patch_embedding.proj.kernel),
+        state["preprocessor.patchifier.proj.weight"].transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        to_numpy(backbone.blocks[2].attn.qkv.kernel),
+        state["trunk.blocks.2.attn.qkv.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        to_numpy(backbone.post_trunk_norm.gamma),
+        state["trunk.post_trunk_norm.weight"],
+    )
+
+
+def test_every_problem_listed_in_one_error_and_nothing_loaded():
+    state = released_state("backbone.pth", "head.pth")
+    del state["trunk.blocks.3.mlp.fc2.weight"]
+    del state["head.cls_token"]
+    state["trunk.blocks.9.attn.qkv.weight"] = np.zeros((3, 3), "float32")
+    state["head.linear.weight"] = np.zeros((1000, 64), "float32")
+    state["trunk.blocks.0.attn.proj.weight"] = np.zeros((64, 32), "float32")
+    classifier = make_tiny_classifier()
+    before = snapshot(classifier)
+    with pytest.raises(WeightLoadingError) as info:
+        keras_aim.load_official_weights(classifier, backbone_file=state)
+    message = str(info.value)
+    assert "nothing was loaded" in message
+    assert "2 missing keys" in message
+    assert "trunk.blocks.3.mlp.fc2.weight  expected shape (64, 256)" in message
+    assert "head.cls_token  expected shape (1, 1, 64)" in message
+    assert "1 unexpected keys" in message
+    assert "trunk.blocks.9.attn.qkv.weight  shape (3, 3)" in message
+    assert "2 shape mismatches" in message
+    assert "head.linear.weight  expected shape (10, 64), found (1000, 64)" in message
+    assert (
+        "trunk.blocks.0.attn.proj.weight  expected shape (64, 64), found (64, 32)"
+        in message
+    )
+    assert_unchanged(classifier, before)
+
+
+def test_head_keys_into_a_backbone_are_unexpected():
+    backbone = make_tiny_backbone()
+    before = snapshot(backbone)
+    with pytest.raises(WeightLoadingError, match="head keys need an AIMImageClassifier"):
+        keras_aim.load_official_weights(
+            backbone, backbone_file=fixture_path("model.safetensors")
+        )
+    assert_unchanged(backbone, before)
+
+
+def test_head_file_for_a_backbone_is_refused():
+    with pytest.raises(ValueError, match="Load it into an AIMImageClassifier"):
+        keras_aim.load_official_weights(
+            make_tiny_backbone(), head_file=fixture_path("head.pth")
+        )
+
+
+def test_no_files_is_refused():
+    with pytest.raises(ValueError, match="backbone_file and/or head_file"):
+        keras_aim.load_official_weights(make_tiny_backbone())
+
+
+def test_wrong_model_type_is_refused():
+    with pytest.raises(TypeError, match="AIMBackbone or AIMImageClassifier"):
+        keras_aim.load_official_weights(object(), backbone_file={})
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=path)
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(open(fixture_path("backbone.pth"), "rb").read()[:1000])
+    with pytest.raises(WeightLoadingError, match="truncated"):
+        keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=str(path))
+
+
+def test_backbone_only_file_leaves_probe_untouched():
+    classifier = make_tiny_classifier()
+    probe_before = [to_numpy(w).copy() for w in classifier.probe.weights]
+    keras_aim.load_official_weights(
+        classifier, backbone_file=fixture_path("backbone.pth")
+    )
+    for old, new in zip(probe_before, classifier.probe.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))
+
+
+def test_head_only_file_fills_probe_and_bn_statistics():
+    state = released_state("head.pth")
+    classifier = make_tiny_classifier()
+    keras_aim.load_official_weights(classifier, head_file=fixture_path("head.pth"))
+    np.testing.assert_array_equal(
+        to_numpy(classifier.probe.bn.moving_variance), state["head.bn.running_var"]
+    )
+    np.testing.assert_array_equal(
+        to_numpy(classifier.probe.cls_token), state["head.cls_token"]
+    )
+
+
+def test_bfloat16_released_tensors_are_accepted():
+    import torch
+
+    state = torch.load(fixture_path("backbone.pth"), weights_only=True)
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    backbone = make_tiny_backbone()
+    keras_aim.load_official_weights(backbone, backbone_file=state)
+    np.testing.assert_allclose(
+        to_numpy(backbone.blocks[0].mlp.fc1.kernel),
+        state["trunk.blocks.0.mlp.fc1.weight"].float().numpy().T,
+    )

@@ -1,0 +1,151 @@
+"""Unit tests of the AIM layers against the spec's formulas."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from keras_aim import layers
+from tests.conftest import PARITY_ATOL, to_numpy
+
+
+def numpy_sincos(height, width, dim):
+    """The spec's formula, written out plainly."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    out = np.zeros((height, width, dim))
+    for r in range(height):
+        for c in range(width):
+            out[r, c] = np.concatenate(
+                [np.sin(c * omega), np.cos(c * omega),
+                 np.sin(r * omega), np.cos(r * omega)]
+            )
+    return out
+
+
+@pytest.mark.parametrize("height,width", [(4, 4), (3, 5), (1, 7)])
+def test_sincos_matches_spec_formula(height, width):
+    got = to_numpy(layers.sincos_2d_position_embedding(height, width, 16))
+    np.testing.assert_allclose(got, numpy_sincos(height, width, 16), atol=1e-5)
+
+
+def test_sincos_rejects_width_not_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        layers.sincos_2d_position_embedding(2, 2, 18)
+
+
+def test_position_embedding_layer_adds_grid_embedding():
+    tokens = np.zeros((2, 3, 5, 8), "float32")
+    got = to_numpy(layers.AIMSinCosPositionEmbedding()(tokens))
+    np.testing.assert_allclose(got[1], numpy_sincos(3, 5, 8), atol=1e-5)
+
+
+def test_prefix_causal_mask_rule():
+    mask = to_numpy(layers.prefix_causal_mask(np.array([1, 3]), 4))
+    assert mask.shape == (2, 1, 4, 4)
+    for b, prefix in enumerate([1, 3]):
+        for i in range(4):
+            for j in range(4):
+                assert mask[b, 0, i, j] == (j <= i or j < prefix), (b, i, j)
+
+
+def test_attention_without_mask_equals_all_true_mask():
+    attn = layers.AIMAttention(16, 4)
+    x = np.random.RandomState(0).randn(2, 5, 16).astype("float32")
+    full = np.ones((2, 1, 5, 5), bool)
+    np.testing.assert_allclose(
+        to_numpy(attn(x)), to_numpy(attn(x, attention_mask=full)), atol=1e-6
+    )
+
+
+def test_attention_matches_manual_multihead_softmax():
+    attn = layers.AIMAttention(8, 2)
+    x = np.random.RandomState(1).randn(1, 3, 8).astype("float32")
+    out = to_numpy(attn(x))
+    qkv = x @ to_numpy(attn.qkv.kernel)  # (1, 3, 24) ordered (3, heads, hd)
+    qkv = qkv.reshape(1, 3, 3, 2, 4)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(4)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    heads = (weights @ v).transpose(0, 2, 1, 3).reshape(1, 3, 8)
+    np.testing.assert_allclose(
+        out, heads @ to_numpy(attn.proj.kernel), atol=1e-5
+    )
+
+
+def test_attention_rejects_bad_head_count():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        layers.AIMAttention(10, 4)
+
+
+def test_mlp_is_bias_free_with_exact_gelu():
+    mlp = layers.AIMMLP(4, 16)
+    x = np.random.RandomState(2).randn(3, 4).astype("float32")
+    out = to_numpy(mlp(x))
+    assert len(mlp.weights) == 2  # fc1 and fc2 kernels, no biases
+    h = x @ to_numpy(mlp.fc1.kernel)
+    erf = np.vectorize(math.erf)
+    gelu = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+    np.testing.assert_allclose(out, gelu @ to_numpy(mlp.fc2.kernel), atol=1e-5)
+
+
+def test_block_is_pre_norm_residual():
+    block = layers.AIMTransformerBlock(8, 2)
+    x = np.random.RandomState(3).randn(2, 4, 8).astype("float32")
+    out = to_numpy(block(x))
+    h = x + to_numpy(block.attn(block.norm_1(x)))
+    expected = h + to_numpy(block.mlp(block.norm_2(h)))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_patch_embedding_shapes_and_xavier_fans():
+    layer = layers.AIMPatchEmbedding(32, 4)
+    out = layer(np.zeros((2, 8, 12, 3), "float32"))
+    assert tuple(out.shape) == (2, 2, 3, 32)
+    # Xavier-uniform over the (p*p*C, D) = (48, 32) matrix.
+    limit = math.sqrt(6 / (48 + 32))
+    kernel = to_numpy(layer.proj.kernel)
+    assert np.abs(kernel).max() <= limit
+    assert np.abs(kernel).max() > 0.9 * limit
+
+
+def test_probe_shapes_and_batchnorm_modes():
+    probe = layers.AIMAttentionProbe(16, 5, 4)
+    x = np.random.RandomState(4).randn(3, 6, 16).astype("float32") * 3 + 1
+    assert tuple(probe(x).shape) == (3, 5)
+    # Only trainable weights: cls_token, k, v, linear (no bias, no BN affine).
+    assert len(probe.trainable_weights) == 4
+    assert sum(int(np.prod(w.shape)) for w in probe.trainable_weights) == (
+        2 * 16 * 16 + 16 + 5 * 16
+    )
+    inference = to_numpy(probe(x, training=False))
+    training = to_numpy(probe(x, training=True))
+    assert not np.allclose(inference, training)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        layers.AIMPatchEmbedding(16, 4, 1e-5),
+        layers.AIMAttention(16, 4),
+        layers.AIMMLP(16, 32),
+        layers.AIMTransformerBlock(16, 4, 2.0, 1e-5),
+        layers.AIMAttentionProbe(16, 3, 4, epsilon=1e-5),
+        layers.AIMSinCosPositionEmbedding(),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_layer_config_round_trip(layer):
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_prefix_attention_matches_reference(tiny_backbone, reference):
+    tokens = keras.ops.convert_to_tensor(reference["patch_tokens_with_pos"])
+    mask = layers.prefix_causal_mask(reference["prefix_lengths"], 16)
+    got = to_numpy(tiny_backbone.blocks[0].attn(tokens, attention_mask=mask))
+    np.testing.assert_allclose(
+        got, reference["prefix_attention_block0_out"], atol=PARITY_ATOL
+    )
