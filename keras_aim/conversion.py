@@ -9,8 +9,11 @@ Keras `HWIO`; everything else as is.
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any, Callable, Mapping, Union
+import pickle
+import zipfile
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import numpy as np
 
@@ -87,58 +90,197 @@ def probe_variable_map(probe) -> dict[str, tuple[Any, Callable]]:
 
 
 class _StateDict:
-    """Lazy, read-only view of one state dict: shapes without loading, then
-    one tensor at a time as a NumPy array."""
+    """Lazy, read-only view of one state dict: key names and shapes without
+    reading tensor data, then one tensor at a time as a NumPy array."""
 
     def __init__(self, source: StateDictLike):
         self.name = "<in-memory dict>"
-        self._safetensors = None
+        self._reader = None
         if isinstance(source, Mapping):
             self._tensors = dict(source)
-        else:
-            path = os.fspath(source)
-            self.name = path
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"Released weight file {path!r} does not exist. Download "
-                    "it (see keras_aim.AIM_PRESETS for names and URLs) or fix "
-                    "the path."
-                )
-            if path.endswith(".safetensors"):
-                from safetensors import safe_open
+            return
+        path = os.fspath(source)
+        self.name = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Released weight file {path!r} does not exist. Download "
+                "it (see keras_aim.AIM_PRESETS for names and URLs) or fix "
+                "the path."
+            )
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
 
-                self._safetensors = safe_open(path, framework="numpy")
-                self._tensors = None
-            else:
-                self._tensors = _torch_load(path)
+            self._reader = _SafetensorsReader(safe_open(path, framework="numpy"))
+        elif zipfile.is_zipfile(path):
+            self._reader = TorchZipReader(path)
+        elif _starts_with(path, b"PK\x03\x04"):
+            raise WeightLoadingError(
+                f"{path!r} is an incomplete zip (PyTorch) file: it was "
+                "probably truncated while downloading. Delete it and "
+                "download it again."
+            )
+        else:  # PyTorch's legacy (pre-1.6) format: only torch reads it.
+            self._tensors = _torch_load(path)
 
     def keys(self) -> list[str]:
-        if self._safetensors is not None:
-            return list(self._safetensors.keys())
+        if self._reader is not None:
+            return self._reader.keys()
         return list(self._tensors.keys())
 
     def shape(self, key: str) -> tuple:
-        if self._safetensors is not None:
-            return tuple(self._safetensors.get_slice(key).get_shape())
+        if self._reader is not None:
+            return self._reader.shape(key)
         return tuple(self._tensors[key].shape)
 
     def array(self, key: str) -> np.ndarray:
-        if self._safetensors is not None:
-            return self._safetensors.get_tensor(key)
+        if self._reader is not None:
+            return self._reader.array(key)
         return _to_numpy(self._tensors[key])
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+class _SafetensorsReader:
+    def __init__(self, handle):
+        self._handle = handle
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def array(self, key: str) -> np.ndarray:
+        return self._handle.get_tensor(key)
+
+    def close(self) -> None:
+        pass
+
+
+# torch storage classes -> NumPy dtypes (bfloat16 through ml_dtypes).
+_TORCH_STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+
+class _TensorRecord(NamedTuple):
+    storage: str
+    dtype: str
+    offset: int
+    shape: tuple
+    stride: tuple
+
+
+def _rebuild_tensor(storage, offset, shape, stride, *unused):
+    key, dtype = storage
+    return _TensorRecord(key, dtype, offset, tuple(shape), tuple(stride))
+
+
+class _StateDictUnpickler(pickle.Unpickler):
+    """Reads a torch state-dict pickle into `_TensorRecord`s; like
+    `torch.load(weights_only=True)`, any other global is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda tensor, *unused: tensor
+        if module == "torch" and name in _TORCH_STORAGE_DTYPES:
+            return _TORCH_STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(
+            f"{module}.{name} is not allowed in a weights file"
+        )
+
+    def persistent_load(self, pid):
+        _, dtype, key, _, _ = pid  # ("storage", type, key, location, numel)
+        return key, dtype
+
+
+class TorchZipReader:
+    """Reads tensors of a PyTorch zip checkpoint (`torch.save`, torch >= 1.6)
+    one at a time with plain file reads, without torch.
+
+    Only the tensor asked for is in memory: no memory map keeps the rest of
+    the file resident, which keeps converting large checkpoints within
+    about one copy of the weights.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._zip = zipfile.ZipFile(path)
+        names = self._zip.namelist()
+        pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pickles) != 1:
+            raise WeightLoadingError(
+                f"{path!r} is a zip file but not a PyTorch checkpoint (no "
+                "data.pkl). Pass the released .pth file."
+            )
+        self._prefix = pickles[0][: -len("data.pkl")]
+        byteorder = self._prefix + "byteorder"
+        if byteorder in names and self._zip.read(byteorder) != b"little":
+            raise WeightLoadingError(f"{path!r} is big-endian; not supported.")
+        try:
+            with self._zip.open(pickles[0]) as handle:
+                self._records = _StateDictUnpickler(handle).load()
+        except (pickle.UnpicklingError, ValueError, EOFError) as error:
+            raise WeightLoadingError(
+                f"Could not read {path!r} as a PyTorch state dict ({error})."
+            ) from error
+        if not isinstance(self._records, Mapping):
+            raise WeightLoadingError(f"{path!r} does not hold a state dict.")
+
+    def keys(self) -> list[str]:
+        return list(self._records)
+
+    def shape(self, key: str) -> tuple:
+        return self._records[key].shape
+
+    def array(self, key: str) -> np.ndarray:
+        record = self._records[key]
+        dtype = np.dtype(_numpy_dtype(record.dtype))
+        data = self._zip.read(f"{self._prefix}data/{record.storage}")
+        flat = np.frombuffer(data, dtype=dtype)
+        return np.lib.stride_tricks.as_strided(
+            flat[record.offset :],
+            shape=record.shape,
+            strides=tuple(s * dtype.itemsize for s in record.stride),
+            writeable=False,
+        )
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(magic)) == magic
 
 
 def _torch_load(path: str):
+    """Reads PyTorch's legacy (non-zip) format; only torch can."""
     try:
         import torch
     except ImportError as error:
         raise ImportError(
-            f"Reading {path!r} (a PyTorch .pth file) needs torch. Install it "
-            "with `pip install torch==2.13.0` (the CPU wheel is enough), or "
-            "convert the file to .safetensors."
+            f"{path!r} is in PyTorch's legacy (pre-zip) format, which needs "
+            "torch to read: `pip install torch==2.13.0` (the CPU wheel is "
+            "enough), or re-save it as .safetensors."
         ) from error
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for bad files
         raise WeightLoadingError(
             f"Could not read {path!r} as a PyTorch state dict ({error}). The "
@@ -148,12 +290,21 @@ def _torch_load(path: str):
 
 
 def _to_numpy(tensor) -> np.ndarray:
+    """A NumPy array from a NumPy, torch, JAX or TensorFlow tensor."""
     if hasattr(tensor, "detach"):  # torch.Tensor
         tensor = tensor.detach().cpu()
         if str(tensor.dtype) == "torch.bfloat16":
             tensor = tensor.float()
         return tensor.numpy()
     return np.asarray(tensor)
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name
 
 
 def _model_parts(model):
@@ -205,6 +356,25 @@ def load_official_weights(
     sources = [
         _StateDict(s) for s in (backbone_file, head_file) if s is not None
     ]
+    try:
+        _check_and_assign(
+            model,
+            backbone,
+            probe,
+            sources,
+            trunk_given=backbone_file is not None,
+            head_given=head_file is not None,
+        )
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _check_and_assign(
+    model, backbone, probe, sources, trunk_given: bool, head_given: bool
+) -> None:
+    """Validates every key and shape first, then fills the variables one
+    tensor at a time; raises before touching anything if a check fails."""
     found = {}  # key -> source
     for source in sources:
         for key in source.keys():
@@ -213,10 +383,8 @@ def load_official_weights(
 
     trunk_map = trunk_variable_map(backbone)
     head_map = probe_variable_map(probe) if probe is not None else {}
-    expected = {}
-    if backbone_file is not None:
-        expected.update(trunk_map)
-    if head_file is not None or any(k.startswith("head.") for k in found):
+    expected = dict(trunk_map) if trunk_given else {}
+    if head_given or any(k.startswith("head.") for k in found):
         expected.update(head_map)
     known = {**trunk_map, **head_map}
 
@@ -241,7 +409,6 @@ def load_official_weights(
         raise WeightLoadingError(
             _problem_report(model, sources, missing, unexpected, mismatched)
         )
-
     for key, (variable, transform) in expected.items():
         _assign(variable, transform(found[key].array(key)))
 
@@ -249,6 +416,8 @@ def load_official_weights(
 def _assign(variable, value: np.ndarray) -> None:
     from keras import ops
 
+    if value.dtype.name == "bfloat16":  # not every backend takes ml_dtypes
+        value = value.astype("float32")
     variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
 
 

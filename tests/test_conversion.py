@@ -1,5 +1,6 @@
 """load_official_weights: strict, all-or-nothing, clear errors."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -150,3 +151,62 @@ def test_bfloat16_released_tensors_are_accepted():
         to_numpy(backbone.blocks[0].mlp.fc1.kernel),
         state["trunk.blocks.0.mlp.fc1.weight"].float().numpy().T,
     )
+
+
+def test_torch_zip_reader_matches_torch_load(tmp_path):
+    """Our torch-free reader vs torch.load, including views with offsets and
+    strides into shared storages, bfloat16 and integer tensors."""
+    import torch
+
+    from keras_aim.conversion import TorchZipReader
+
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    state = {
+        "plain": torch.randn(3, 4),
+        "transposed": base.t(),  # strided view
+        "row_slice": base[2:5],  # storage offset
+        "bf16": torch.randn(5, 7).to(torch.bfloat16),
+        "int": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "scalar": torch.tensor(7),
+    }
+    path = tmp_path / "state.pth"
+    torch.save(state, path)
+    reader = TorchZipReader(str(path))
+    assert reader.keys() == list(state)
+    for key, tensor in state.items():
+        got = reader.array(key)
+        assert reader.shape(key) == tuple(tensor.shape)
+        np.testing.assert_array_equal(
+            np.asarray(got, dtype="float64"), tensor.double().numpy(), err_msg=key
+        )
+    reader.close()
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch", reason="the torch backend needs torch"
+)
+def test_released_files_read_without_torch(monkeypatch, reference):
+    """Loading .pth files does not need torch (it is an optional extra)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> error
+    classifier = make_tiny_classifier()
+    keras_aim.load_official_weights(
+        classifier,
+        backbone_file=fixture_path("backbone.pth"),
+        head_file=fixture_path("head.pth"),
+    )
+    np.testing.assert_allclose(
+        to_numpy(classifier(reference["images_nhwc"])), reference["logits"], atol=1e-4
+    )
+
+
+def test_pickle_with_foreign_globals_is_refused(tmp_path):
+    import pickle
+    import zipfile
+
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps({"x": print}))
+    with pytest.raises(WeightLoadingError, match="builtins.print is not allowed"):
+        keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=str(path))
