@@ -13,7 +13,7 @@ from keras_aim.layers import (
     AIMSinCosPositionEmbedding,
     AIMTransformerBlock,
 )
-from keras_aim.presets import builtin_preset
+from keras_aim.presets import get_preset
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -242,13 +242,23 @@ class AIMBackbone(Backbone):
         """Builds an AIM trunk from a preset.
 
         `preset` is one of `keras_aim.AIM_PRESETS` (`aim_600m`, `aim_1b`,
-        `aim_3b`, `aim_7b`), a local keras-hub preset directory, or a
-        `kaggle://` / `hf://` handle. Keyword arguments override the config
-        (e.g. `dtype="bfloat16"`, `image_shape=(None, None, 3)`).
+        `aim_3b`, `aim_7b`): Apple's released weights are downloaded,
+        verified, converted and cached on first use (see
+        `keras_aim.released_weights`), then loaded from the cache. It may
+        also be a directory holding the released `.pth` files, a local
+        keras-hub preset directory, or a `kaggle://` / `hf://` handle.
+        Keyword arguments override the config (e.g. `dtype="bfloat16"`,
+        `image_shape=(None, None, 3)`).
         """
-        entry = builtin_preset(preset, load_weights)
-        if entry is not None:
-            return cls(**{**entry["config"], **kwargs})
+        from keras_aim import released_weights
+
+        name, release_dir = released_weights.resolve_release(preset)
+        if name is not None:
+            if not load_weights:
+                return cls(**{**get_preset(name)["config"], **kwargs})
+            preset = released_weights.cached_backbone_preset(
+                name, kwargs.get("dtype"), release_dir
+            )
         return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
 

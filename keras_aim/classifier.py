@@ -15,9 +15,9 @@ from keras_aim.preprocessing import (
 )
 from keras_aim.presets import (
     AIM_PRESETS,
-    IMAGENET_NUM_CLASSES,
+    HEAD_KINDS,
     PROBE_NUM_BLOCKS,
-    builtin_preset,
+    get_preset,
     preset_for_architecture,
 )
 
@@ -27,17 +27,20 @@ ProbeLayers = Union[str, int, Sequence[int]]
 def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]:
     """Block indices the probe averages.
 
-    `"last"`: the last 6 blocks (all of them if the trunk has fewer);
-    `"best"`: the released presets' best 6 blocks (spec table);
+    `"last"`: a preset's released "last" blocks, else the last 6 (all of
+    them if the trunk has fewer); `"best"`: the presets' best blocks (spec
+    table);
     an int n: the last n blocks; a sequence: explicit (negative allowed).
     """
     depth = backbone.num_layers
     if isinstance(probe_layers, str):
+        name = preset_for_architecture(backbone.get_config())
         if probe_layers == "last":
+            if name is not None:
+                return AIM_PRESETS[name]["last_probe_layers"]
             start = max(depth - PROBE_NUM_BLOCKS, 0)
             return tuple(range(start, depth))
         if probe_layers == "best":
-            name = preset_for_architecture(backbone.get_config())
             if name is None:
                 raise ValueError(
                     "probe_layers='best' is defined only for the released "
@@ -160,20 +163,26 @@ class AIMImageClassifier(ImageClassifier):
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
         """Builds the classifier from a preset.
 
-        For a released preset name (`aim_600m`, ...) this is the trunk, the
-        released 1000-class probe (`probe_layers="best"` unless given) and
-        the evaluation preprocessor. Local preset directories and
-        `kaggle://` / `hf://` handles go through keras-hub's loader.
+        For a released preset name (`aim_600m`, ...) or a directory of
+        released files: the trunk, the released 1000-class attentive probe
+        (`probe_layers="best"` unless given; `"last"` is the other released
+        head) and the evaluation preprocessor, with weights downloaded,
+        verified and cached on first use. Passing `num_classes` builds a new,
+        untrained probe instead (as keras-hub does). Local keras-hub preset
+        directories and `kaggle://` / `hf://` handles go through keras-hub.
         """
-        entry = builtin_preset(preset, load_weights)
-        if entry is None:
+        from keras_aim import released_weights
+
+        name, release_dir = released_weights.resolve_release(preset)
+        if name is None:
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        entry = get_preset(name)
         backbone_kwargs = {
             k: kwargs.pop(k) for k in ("dtype", "image_shape") if k in kwargs
         }
-        backbone = AIMBackbone.from_preset(
-            preset, load_weights=False, **backbone_kwargs
-        )
+        new_probe = "num_classes" in kwargs
+        kwargs.setdefault("num_classes", entry["num_classes"])
+        kwargs.setdefault("probe_layers", "best")
         height, width = entry["config"]["image_shape"][:2]
         kwargs.setdefault(
             "preprocessor",
@@ -181,6 +190,40 @@ class AIMImageClassifier(ImageClassifier):
                 AIMImageConverter(image_size=(height, width))
             ),
         )
-        kwargs.setdefault("num_classes", IMAGENET_NUM_CLASSES)
-        kwargs.setdefault("probe_layers", "best")
-        return cls(backbone=backbone, **kwargs)
+        if not load_weights:
+            backbone = AIMBackbone(**{**entry["config"], **backbone_kwargs})
+            return cls(backbone=backbone, **kwargs)
+
+        head = None if new_probe else released_head_kind(entry, kwargs["probe_layers"])
+        backbone_dir = released_weights.cached_backbone_preset(
+            name, backbone_kwargs.get("dtype"), release_dir
+        )
+        backbone = AIMBackbone.from_preset(backbone_dir, **backbone_kwargs)
+        classifier = cls(backbone=backbone, **kwargs)
+        if head is not None:
+            released_weights.load_released_head(
+                classifier, name, head, backbone_dir, release_dir
+            )
+        return classifier
+
+
+def released_head_kind(entry: dict, probe_layers: ProbeLayers) -> str:
+    """Which released head ("best" or "last") matches `probe_layers`."""
+    for kind in HEAD_KINDS:
+        if probe_layers == kind or (
+            not isinstance(probe_layers, str)
+            and tuple(probe_layers) == entry[f"{kind}_probe_layers"]
+        ):
+            if f"head_{kind}" not in entry["files"]:
+                break
+            return kind
+    available = ", ".join(
+        f"'{k}' {entry[f'{k}_probe_layers']}"
+        for k in HEAD_KINDS
+        if f"head_{k}" in entry["files"]
+    )
+    raise ValueError(
+        f"No released head averages probe_layers={probe_layers!r}; released "
+        f"heads: {available or 'none'}. Pass one of them, or num_classes=N "
+        "to build a new, untrained probe on other blocks."
+    )

@@ -1,4 +1,4 @@
-"""The `keras-aim` command line."""
+"""The `keras-aim` command line: info, download, classify."""
 
 from __future__ import annotations
 
@@ -6,15 +6,23 @@ import argparse
 import sys
 from typing import Sequence
 
-from keras_aim.presets import AIM_PRESETS, RELEASE_BASE_URL
+from keras_aim.presets import AIM_PRESETS, HEAD_KINDS, RELEASE_BASE_URL
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _info(args: argparse.Namespace) -> int:
-    rows = [("preset", "width", "depth", "heads", "trunk params",
-             "fp32 size", "IN-1k top-1 (best/last)")]
+    from keras_aim.released_weights import cache_status, keras_aim_home
+
+    rows = [("preset", "width", "depth", "heads", "trunk params", "fp32 size",
+             "IN-1k top-1 best/last", "cache")]
     for name, entry in AIM_PRESETS.items():
         config = entry["config"]
-        top1 = entry["imagenet_top1"]
+        top1 = entry.get("imagenet_top1")
         rows.append(
             (
                 name,
@@ -23,18 +31,98 @@ def _info(args: argparse.Namespace) -> int:
                 str(config["num_heads"]),
                 f"{entry['trunk_params']:,}",
                 f"{entry['trunk_params'] * 4 / 1e9:.1f} GB",
-                f"{top1['best']} / {top1['last']}",
+                f"{top1['best']} / {top1['last']}" if top1 else "-",
+                cache_status(name),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    _table(rows)
     print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
-    print(
-        "All presets: patch 14, 224x224 images. Build one with "
-        "keras_aim.AIMBackbone.from_preset(NAME, load_weights=False)."
-    )
+    print(f"Cache: {keras_aim_home()} (set KERAS_AIM_HOME to move it)")
     return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from keras_aim import released_weights
+    from keras_aim.backbone import AIMBackbone
+    from keras_aim.classifier import AIMImageClassifier
+
+    kinds = list(HEAD_KINDS) if args.probe == "all" else (
+        [] if args.probe == "none" else [args.probe]
+    )
+    if args.files_only:
+        for role in ["backbone"] + [f"head_{k}" for k in kinds]:
+            print(released_weights.release_file(args.preset, role))
+        return 0
+    if not kinds:
+        AIMBackbone.from_preset(args.preset, dtype=args.dtype)
+    for kind in kinds:
+        AIMImageClassifier.from_preset(args.preset, probe_layers=kind, dtype=args.dtype)
+    print(f"{args.preset}: {released_weights.cache_status(args.preset)}")
+    return 0
+
+
+def read_image(path: str):
+    """An RGB uint8 array `(H, W, 3)`; raises `ValueError` naming the file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+
+
+def class_name(index: int, num_classes: int) -> str:
+    if num_classes == 1000:
+        from keras_hub.utils import imagenet_id_to_name
+
+        return imagenet_id_to_name(index)
+    return f"class {index}"
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import numpy as np
+    from keras import ops
+
+    from keras_aim.classifier import AIMImageClassifier
+
+    images, names, failures = [], [], 0
+    for path in args.images:
+        try:
+            images.append(read_image(path))
+            names.append(path)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+    if not images:
+        return 1
+    options = {"probe_layers": args.probe, "dtype": args.dtype}
+    classifier = AIMImageClassifier.from_preset(
+        args.preset, **{k: v for k, v in options.items() if v is not None}
+    )
+    converter = classifier.preprocessor.image_converter
+    top_k = min(args.top_k, classifier.num_classes)
+    for start in range(0, len(images), args.batch_size):
+        batch = np.stack([
+            ops.convert_to_numpy(converter(image))
+            for image in images[start : start + args.batch_size]
+        ])
+        logits = ops.cast(classifier(batch, training=False), "float32")
+        probabilities = ops.convert_to_numpy(ops.softmax(logits, axis=-1))
+        for path, probs in zip(names[start : start + args.batch_size], probabilities):
+            print(path)
+            for rank, index in enumerate(np.argsort(-probs)[:top_k], 1):
+                label = class_name(int(index), classifier.num_classes)
+                print(f"  {rank}. {label:<30} {probs[index]:.4f}")
+    return 1 if failures else 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"keras-aim {__version__}"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = commands.add_parser("info", help="list the released AIM presets")
+
+    info = commands.add_parser(
+        "info", help="list the released AIM presets and what is cached"
+    )
     info.set_defaults(handler=_info)
+
+    download = commands.add_parser(
+        "download",
+        help="download, verify, convert and cache a preset for offline use",
+    )
+    download.add_argument("preset", help="e.g. aim_600m")
+    download.add_argument(
+        "--probe", choices=[*HEAD_KINDS, "all", "none"], default="all",
+        help="released classifier heads to cache too (default: all)",
+    )
+    download.add_argument(
+        "--dtype", default=None, help="convert in this dtype, e.g. bfloat16"
+    )
+    download.add_argument(
+        "--files-only", action="store_true",
+        help="only download and verify the released files",
+    )
+    download.set_defaults(handler=_download)
+
+    classify = commands.add_parser(
+        "classify", help="print the top ImageNet classes of images"
+    )
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.add_argument(
+        "--preset", default="aim_600m",
+        help="preset name, released-files directory or preset directory",
+    )
+    classify.add_argument(
+        "--probe", choices=HEAD_KINDS, default=None,
+        help="released head (default for released presets: best)",
+    )
+    classify.add_argument("--top-k", type=_positive_int, default=5)
+    classify.add_argument("--batch-size", type=_positive_int, default=8)
+    classify.add_argument("--dtype", default=None, help="e.g. bfloat16")
+    classify.set_defaults(handler=_classify)
     return parser
 
 

@@ -11,6 +11,9 @@ import os
 from typing import Any
 
 RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
+PROBE_NUM_BLOCKS = 6  # The released heads average 6 blocks.
+IMAGENET_NUM_CLASSES = 1000
+HEAD_KINDS = ("best", "last")
 
 _COMMON = {
     "image_shape": (224, 224, 3),
@@ -29,7 +32,9 @@ def _preset(width, depth, heads, params, best, images, files, top1):
             "num_heads": heads,
         },
         "trunk_params": params,
-        "best_probe_layers": tuple(range(best, best + 6)),
+        "num_classes": IMAGENET_NUM_CLASSES,
+        "best_probe_layers": tuple(range(best, best + PROBE_NUM_BLOCKS)),
+        "last_probe_layers": tuple(range(depth - PROBE_NUM_BLOCKS, depth)),
         "pretraining_images": images,
         "files": files,
         "imagenet_top1": dict(zip(("last", "best", "lora_r8"), top1)),
@@ -67,8 +72,47 @@ AIM_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-PROBE_NUM_BLOCKS = 6  # The released heads average 6 blocks.
-IMAGENET_NUM_CLASSES = 1000
+
+def register_preset(
+    name: str,
+    config: dict[str, Any],
+    files: dict[str, tuple[str, str]],
+    best_probe_layers: tuple[int, ...],
+    last_probe_layers: tuple[int, ...],
+    num_classes: int = IMAGENET_NUM_CLASSES,
+    **extra: Any,
+) -> None:
+    """Adds a preset in the released file format (e.g. a private mirror's
+    checkpoint, or a test model) so that `from_preset(name)` can download,
+    verify, convert and cache it like the released ones.
+
+    Args:
+        name: the preset name.
+        config: `AIMBackbone` constructor arguments.
+        files: `{"backbone": (filename, sha256 or its prefix),
+            "head_best": (...), "head_last": (...)}`; heads are optional.
+            Files are fetched from `KERAS_AIM_BASE_URL` (default: Apple's
+            release).
+        best_probe_layers, last_probe_layers: the blocks each head averages.
+        num_classes: classes of the heads.
+    """
+    if "backbone" not in files:
+        raise ValueError(f"Preset {name!r} needs files['backbone'].")
+    AIM_PRESETS[name] = {
+        "config": dict(config),
+        "trunk_params": trunk_parameter_count(
+            config["hidden_dim"],
+            config["num_layers"],
+            config["patch_size"],
+            config.get("image_shape", (None, None, 3))[-1],
+            config.get("mlp_ratio", 4.0),
+        ),
+        "num_classes": num_classes,
+        "best_probe_layers": tuple(best_probe_layers),
+        "last_probe_layers": tuple(last_probe_layers),
+        "files": dict(files),
+        **extra,
+    }
 
 
 def get_preset(name: str) -> dict[str, Any]:
@@ -83,7 +127,7 @@ def get_preset(name: str) -> dict[str, Any]:
     return AIM_PRESETS[name]
 
 
-def builtin_preset(preset, load_weights: bool) -> dict[str, Any] | None:
+def builtin_preset(preset) -> dict[str, Any] | None:
     """The table entry if `preset` names a released preset, else `None`
     (paths and `kaggle://` / `hf://` handles go to keras-hub's loader).
 
@@ -96,14 +140,6 @@ def builtin_preset(preset, load_weights: bool) -> dict[str, Any] | None:
         if "://" in preset or os.path.exists(preset) or os.sep in preset:
             return None
         get_preset(preset)  # raises
-    if load_weights:
-        raise NotImplementedError(
-            f"Downloading the released weights of {preset!r} is not "
-            "available yet. Build the architecture with "
-            f"`from_preset({preset!r}, load_weights=False)` and load the "
-            "downloaded files with `keras_aim.load_official_weights(model, "
-            "backbone_file=..., head_file=...)`."
-        )
     return AIM_PRESETS[preset]
 
 

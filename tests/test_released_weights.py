@@ -1,0 +1,201 @@
+"""from_preset with released weights: download from a local server, verify,
+convert, cache, resume, offline use."""
+
+import hashlib
+import os
+import shutil
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+import keras_aim
+from keras_aim import released_weights
+from keras_aim.download import ChecksumError, DownloadError, OfflineError
+from keras_aim.presets import AIM_PRESETS, register_preset
+from tests.conftest import TINY_CONFIG, fixture_path, to_numpy
+from tests.release_server import ReleaseServer
+
+NAME = "aim_test_tiny"
+FILES = {  # released role -> (served name, fixture)
+    "backbone": ("tiny_attnprobe_backbone.pth", "backbone.pth"),
+    "head_best": ("tiny_attnprobe_head_best_layers.pth", "head.pth"),
+    "head_last": ("tiny_attnprobe_head_last_layers.pth", "head.pth"),
+}
+
+
+def served_files():
+    return {served: open(fixture_path(f), "rb").read() for served, f in FILES.values()}
+
+
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+    """A registered tiny preset served from 127.0.0.1, with an empty cache."""
+    files = served_files()
+    monkeypatch.setitem(AIM_PRESETS, NAME, None)  # restored after the test
+    register_preset(
+        NAME,
+        TINY_CONFIG,
+        {
+            role: (served, hashlib.sha256(files[served]).hexdigest()[:8])
+            for role, (served, _) in FILES.items()
+        },
+        best_probe_layers=(2, 3),
+        last_probe_layers=(2, 3),
+        num_classes=10,
+    )
+    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
+    with ReleaseServer(files) as server:
+        monkeypatch.setenv("KERAS_AIM_BASE_URL", server.url)
+        yield server
+
+
+def cache_entries():
+    home = released_weights.keras_aim_home()
+    found = []
+    for root, _, files in os.walk(home):
+        found += [os.path.relpath(os.path.join(root, f), home) for f in files]
+    return sorted(found)
+
+
+def assert_reference_logits(classifier, reference):
+    np.testing.assert_allclose(
+        to_numpy(classifier(reference["images_nhwc"])), reference["logits"], atol=1e-4
+    )
+
+
+def test_first_load_downloads_converts_caches_second_is_offline(
+    release, reference, monkeypatch
+):
+    classifier = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
+    assert_reference_logits(classifier, reference)
+    assert [r[0] for r in release.requests] == [
+        FILES["backbone"][0], FILES["head_last"][0]
+    ]
+    cached = cache_entries()
+    preset_dir = os.path.join("presets", NAME)
+    for name in ("config.json", "metadata.json", "model.weights.h5",
+                 "preprocessor.json", "heads/probe_last.weights.h5"):
+        assert os.path.join(preset_dir, name) in cached
+    assert not [f for f in cached if ".part" in f or ".tmp" in f]
+
+    count = len(release.requests)
+    monkeypatch.setenv("KERAS_AIM_OFFLINE", "1")
+    again = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
+    assert_reference_logits(again, reference)
+    backbone = keras_aim.AIMBackbone.from_preset(NAME)
+    np.testing.assert_allclose(
+        to_numpy(backbone(reference["images_nhwc"])),
+        reference["final_normed_tokens"],
+        atol=1e-4,
+    )
+    assert len(release.requests) == count  # no connection opened
+
+    # The cache is a standard keras-hub preset directory.
+    cache_dir = released_weights.backbone_cache_dir(NAME)
+    restored = keras_hub.models.Backbone.from_preset(cache_dir)
+    assert isinstance(restored, keras_aim.AIMBackbone)
+
+
+def test_corrupted_download_fails_with_checksum_error_and_caches_nothing(release):
+    served = FILES["backbone"][0]
+    data = bytearray(release.files[served])
+    data[5000] ^= 0xFF
+    release.files[served] = bytes(data)
+    expected = AIM_PRESETS[NAME]["files"]["backbone"][1]
+    with pytest.raises(ChecksumError) as info:
+        keras_aim.AIMBackbone.from_preset(NAME)
+    message = str(info.value)
+    assert served in message and expected in message
+    assert hashlib.sha256(bytes(data)).hexdigest() in message
+    assert cache_entries() == []
+
+
+def test_download_cut_in_the_middle_resumes(release, reference):
+    served = FILES["backbone"][0]
+    release.cut_next[served] = 300_000
+    backbone = keras_aim.AIMBackbone.from_preset(NAME)
+    ranges = [r for name, r in release.requests if name == served]
+    assert ranges == [None, "bytes=300000-"]
+    np.testing.assert_allclose(
+        to_numpy(backbone(reference["images_nhwc"])),
+        reference["final_normed_tokens"],
+        atol=1e-4,
+    )
+
+
+def test_partial_file_from_an_earlier_run_resumes(release):
+    served = FILES["backbone"][0]
+    partial = released_weights.downloaded_path(served) + ".part"
+    os.makedirs(os.path.dirname(partial))
+    with open(partial, "wb") as handle:
+        handle.write(release.files[served][:123_456])
+    keras_aim.AIMBackbone.from_preset(NAME)
+    assert release.requests == [(served, "bytes=123456-")]
+
+
+def test_offline_with_empty_cache_names_the_missing_file(release, monkeypatch):
+    monkeypatch.setenv("KERAS_AIM_OFFLINE", "1")
+    served = FILES["backbone"][0]
+    with pytest.raises(OfflineError) as info:
+        keras_aim.AIMBackbone.from_preset(NAME)
+    message = str(info.value)
+    assert served in message
+    assert released_weights.downloaded_path(served) in message
+    assert release.requests == []
+
+
+def test_missing_remote_file_is_a_download_error(release):
+    del release.files[FILES["backbone"][0]]
+    with pytest.raises(DownloadError, match="HTTP 404.*KERAS_AIM_BASE_URL"):
+        keras_aim.AIMBackbone.from_preset(NAME)
+    assert cache_entries() == []
+
+
+def test_directory_of_released_files(release, reference, tmp_path, monkeypatch):
+    folder = tmp_path / "released"
+    folder.mkdir()
+    for served, fixture in FILES.values():
+        shutil.copy(fixture_path(fixture), folder / served)
+    monkeypatch.setenv("KERAS_AIM_BASE_URL", "http://127.0.0.1:9/")  # unused
+    classifier = keras_aim.AIMImageClassifier.from_preset(str(folder))
+    assert_reference_logits(classifier, reference)
+    assert release.requests == []
+
+
+def test_directory_with_unknown_pth_files_is_refused(release, tmp_path):
+    (tmp_path / "mystery.pth").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no released AIM backbone file"):
+        keras_aim.AIMBackbone.from_preset(str(tmp_path))
+
+
+def test_bfloat16_converts_and_caches_in_bfloat16(release, reference):
+    backbone = keras_aim.AIMBackbone.from_preset(NAME, dtype="bfloat16")
+    assert backbone.blocks[0].mlp.fc1.kernel.dtype == "bfloat16"
+    assert os.path.isdir(released_weights.backbone_cache_dir(NAME, "bfloat16"))
+    tokens = to_numpy(keras.ops.cast(backbone(reference["images_nhwc"]), "float32"))
+    np.testing.assert_allclose(tokens, reference["final_normed_tokens"], atol=0.1)
+
+
+def test_float32_cache_serves_bfloat16(release):
+    keras_aim.AIMBackbone.from_preset(NAME)
+    count = len(release.requests)
+    backbone = keras_aim.AIMBackbone.from_preset(NAME, dtype="bfloat16")
+    assert backbone.blocks[0].attn.qkv.kernel.dtype == "bfloat16"
+    assert len(release.requests) == count
+    assert not os.path.exists(released_weights.backbone_cache_dir(NAME, "bfloat16"))
+
+
+def test_probe_layers_without_released_head_is_refused(release):
+    with pytest.raises(ValueError, match="No released head averages"):
+        keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers=(0, 1))
+
+
+def test_new_num_classes_builds_untrained_probe_without_head(release):
+    classifier = keras_aim.AIMImageClassifier.from_preset(
+        NAME, num_classes=3, probe_layers=(0, 1)
+    )
+    assert classifier.num_classes == 3
+    assert [r[0] for r in release.requests] == [FILES["backbone"][0]]
