@@ -7,6 +7,7 @@ from typing import Sequence
 import keras
 from keras_hub.models import Backbone
 
+from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
 from keras_aim.layers import (
     AIMPatchEmbedding,
@@ -259,6 +260,7 @@ class AIMBackbone(Backbone):
             preset = released_weights.cached_backbone_preset(
                 name, kwargs.get("dtype"), release_dir
             )
+        limit_heap_fragmentation()  # keeps loading near 1x the weights
         return super().from_preset(preset, load_weights=load_weights, **kwargs)
 
 

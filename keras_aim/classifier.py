@@ -9,6 +9,7 @@ from keras_hub.models import ImageClassifier, Task
 
 from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMAttentionProbe
+from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.preprocessing import (
     AIMImageClassifierPreprocessor,
     AIMImageConverter,
@@ -175,6 +176,7 @@ class AIMImageClassifier(ImageClassifier):
 
         name, release_dir = released_weights.resolve_release(preset)
         if name is None:
+            limit_heap_fragmentation()  # keeps loading near 1x the weights
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
         backbone_kwargs = {

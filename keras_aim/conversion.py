@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import numpy as np
 
+from keras_aim.memory import limit_heap_fragmentation
+
 StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
 
 # Keys in released files that carry no model state.
@@ -353,6 +355,7 @@ def load_official_weights(
             "head_file was given but the model is an AIMBackbone, which has "
             "no probe head. Load it into an AIMImageClassifier instead."
         )
+    limit_heap_fragmentation()
     sources = [
         _StateDict(s) for s in (backbone_file, head_file) if s is not None
     ]

@@ -27,6 +27,7 @@ import keras
 
 from keras_aim.conversion import load_official_weights
 from keras_aim.download import download_file, verify_sha256
+from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.presets import AIM_PRESETS, RELEASE_BASE_URL, get_preset
 
 SHARD_SIZE_GB = 5.0  # keras-hub shards model.weights.h5 above this size
@@ -109,6 +110,7 @@ def cached_backbone_preset(
     )
 
     source = release_file(name, "backbone", release_dir, progress)
+    limit_heap_fragmentation()  # before building: keeps conversion near 1x
     target_dtype = variable_dtype(dtype)
     config = get_preset(name)["config"]
     backbone = AIMBackbone(**config, dtype=target_dtype)

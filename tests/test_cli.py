@@ -3,9 +3,13 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import keras_aim
 from keras_aim import cli
+from tests.tiny_release import FILES, NAME, release  # noqa: F401 (fixture)
 
 
 def test_info_lists_every_preset(capsys):
@@ -44,3 +48,54 @@ def test_console_script_help_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "usage: keras-aim" in result.stdout
+
+
+def write_images(folder):
+    """Two real image files (JPEG, PNG) and a corrupt one."""
+    rng = np.random.RandomState(0)
+    jpeg, png, corrupt = folder / "photo.jpg", folder / "drawing.png", folder / "broken.jpg"
+    Image.fromarray(rng.randint(0, 256, (48, 64, 3), dtype=np.uint8)).save(jpeg)
+    Image.fromarray(rng.randint(0, 256, (40, 30, 4), dtype=np.uint8)).save(png)
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    return str(jpeg), str(png), str(corrupt)
+
+
+def test_classify_prints_top_k_and_reports_bad_files(release, tmp_path, capsys):
+    jpeg, png, corrupt = write_images(tmp_path)
+    code = cli.main(["classify", jpeg, corrupt, png, "--preset", NAME,
+                     "--probe", "last", "--top-k", "3"])
+    captured = capsys.readouterr()
+    assert code == 1  # one file failed, the others were classified
+    assert f"error: {corrupt}: not a readable image" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0] == jpeg and lines[4] == png
+    scores = [float(line.split()[-1]) for line in lines[1:4]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+    assert lines[1].strip().startswith("1. class ")
+    # Same top class as the classifier on the same preprocessed image.
+    classifier = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
+    image = cli.read_image(jpeg)
+    logits = classifier.predict(image[None], verbose=0)
+    assert lines[1].split()[2] == str(int(np.argmax(logits)))
+
+
+def test_classify_all_files_bad_fails(release, tmp_path, capsys):
+    bad = tmp_path / "x.png"
+    bad.write_text("no")
+    assert cli.main(["classify", str(bad), "--preset", NAME]) == 1
+    assert "not a readable image" in capsys.readouterr().err
+
+
+def test_download_then_info_shows_cache(release, capsys):
+    assert cli.main(["download", NAME]) == 0
+    out = capsys.readouterr().out
+    assert "float32" in out and "heads: best/last" in out
+    assert cli.main(["info"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(NAME))
+    assert "heads: best/last" in line
+
+
+def test_download_files_only(release, capsys):
+    assert cli.main(["download", NAME, "--files-only", "--probe", "none"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path.endswith(FILES["backbone"][0])

@@ -1,0 +1,44 @@
+"""The tiny reference model registered as a released preset and served from
+127.0.0.1, for download/cache/CLI tests."""
+
+import hashlib
+
+import pytest
+
+from keras_aim.presets import AIM_PRESETS, register_preset
+from tests.conftest import TINY_CONFIG, fixture_path
+from tests.release_server import ReleaseServer
+
+NAME = "aim_test_tiny"
+FILES = {  # released role -> (served name, fixture)
+    "backbone": ("tiny_attnprobe_backbone.pth", "backbone.pth"),
+    "head_best": ("tiny_attnprobe_head_best_layers.pth", "head.pth"),
+    "head_last": ("tiny_attnprobe_head_last_layers.pth", "head.pth"),
+}
+
+
+def served_files():
+    return {served: open(fixture_path(f), "rb").read() for served, f in FILES.values()}
+
+
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+    """A registered tiny preset served from 127.0.0.1, with an empty cache."""
+    files = served_files()
+    monkeypatch.setitem(AIM_PRESETS, NAME, None)  # restored after the test
+    register_preset(
+        NAME,
+        TINY_CONFIG,
+        {
+            role: (served, hashlib.sha256(files[served]).hexdigest()[:8])
+            for role, (served, _) in FILES.items()
+        },
+        best_probe_layers=(2, 3),
+        last_probe_layers=(2, 3),
+        num_classes=10,
+    )
+    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
+    with ReleaseServer(files) as server:
+        monkeypatch.setenv("KERAS_AIM_BASE_URL", server.url)
+        yield server
