@@ -92,8 +92,8 @@ def download_file(
             _fetch_into(url, partial, timeout, progress)
             break
         except urllib.error.HTTPError as error:
-            if error.code == 416:  # our partial file is not a prefix: restart
-                os.remove(partial)
+            if error.code == 416 and os.path.exists(partial):
+                os.remove(partial)  # not a prefix of the file: start over
                 continue
             if error.code < 500 or attempt == retries:
                 raise DownloadError(
@@ -109,6 +109,8 @@ def download_file(
                     "again to resume."
                 ) from error
         time.sleep(min(0.5 * 2**attempt, 8.0))
+    else:
+        raise DownloadError(f"Downloading {url} failed after {retries + 1} attempts.")
     verify_sha256(partial, sha256_prefix, url)
     os.replace(partial, destination)
     return destination

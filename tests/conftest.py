@@ -36,6 +36,15 @@ def fixture_path(name: str) -> str:
     return str(FIXTURES / name)
 
 
+@pytest.fixture(autouse=True)
+def no_network_and_private_cache(tmp_path_factory, monkeypatch):
+    """Tests never reach the internet nor the user's cache: the release URL
+    points at a closed local port and KERAS_AIM_HOME at a temp folder."""
+    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path_factory.mktemp("aim_home")))
+    monkeypatch.setenv("KERAS_AIM_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def reference():
     """Every .npy array of the reference, by file stem."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_aim
+from keras_aim.download import OfflineError
 from keras_aim.presets import AIM_PRESETS, trunk_parameter_count
 from tests.conftest import (
     PARITY_ATOL,
@@ -213,8 +214,10 @@ def test_from_preset_unknown_name_lists_valid_names():
         keras_aim.AIMBackbone.from_preset("aim_9b", load_weights=False)
 
 
-def test_from_preset_weights_not_downloadable_yet_says_so():
-    with pytest.raises(NotImplementedError, match="load_official_weights"):
+def test_from_preset_offline_without_cache_names_the_file(monkeypatch):
+    monkeypatch.setenv("KERAS_AIM_OFFLINE", "1")
+    with pytest.raises(OfflineError, match=r"aim_1b_5bimgs_attnprobe_backbone\.pth"
+                       r" is not on disk.*downloads"):
         keras_aim.AIMBackbone.from_preset("aim_1b")
 
 

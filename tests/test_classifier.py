@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import keras_aim
+from keras_aim.download import DownloadError
 from keras_aim.classifier import resolve_probe_layers
 from tests.conftest import (
     PARITY_ATOL,
@@ -167,8 +168,12 @@ def test_keras_file_round_trip(tiny_classifier, reference, tmp_path):
     )
 
 
-def test_from_preset_builds_released_architecture_offline():
+def test_from_preset_unknown_name_and_unreachable_server(monkeypatch):
+    from keras_aim import download
+
     with pytest.raises(ValueError, match="Valid presets"):
         keras_aim.AIMImageClassifier.from_preset("aim_2b", load_weights=False)
-    with pytest.raises(NotImplementedError, match="load_weights=False"):
-        keras_aim.AIMImageClassifier.from_preset("aim_600m")
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    with pytest.raises(DownloadError, match="aim_600m_2bimgs_attnprobe_backbone"
+                       r".*after 5 attempts.*run again to resume"):
+        keras_aim.AIMImageClassifier.from_preset("aim_600m")  # no server here

@@ -164,3 +164,20 @@ def test_new_num_classes_builds_untrained_probe_without_head(release):
     )
     assert classifier.num_classes == 3
     assert [r[0] for r in release.requests] == [FILES["backbone"][0]]
+
+
+def test_server_errors_are_retried_then_reported(release, monkeypatch):
+    from keras_aim import download
+
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    served = FILES["backbone"][0]
+    release.cut_next[served] = 0  # first response: headers, then nothing
+    keras_aim.AIMBackbone.from_preset(NAME)  # second attempt succeeds
+    assert [r for r in release.requests if r[0] == served] == [(served, None)] * 2
+
+    monkeypatch.setattr(
+        download, "_fetch_into",
+        lambda *args: (_ for _ in ()).throw(ConnectionResetError("reset")),
+    )
+    with pytest.raises(DownloadError, match="after 5 attempts .*reset.*run again to resume"):
+        download.download_file("http://127.0.0.1:9/x.pth", str(released_weights.downloaded_path("x.pth")), "00")
