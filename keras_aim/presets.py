@@ -7,7 +7,6 @@ Apple's release (see `weights/manifest.json`, generated from it).
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
