@@ -10,6 +10,8 @@ from keras_aim.preprocessing import (
     AIMImageConverter,
 )
 from keras_aim.presets import AIM_PRESETS, trunk_parameter_count
+from keras_aim import losses
+from keras_aim.pretrainer import AIMPretrainer, pretraining_optimizer
 
 __all__ = [
     "AIM_PRESETS",
@@ -17,10 +19,13 @@ __all__ = [
     "AIMImageClassifier",
     "AIMImageClassifierPreprocessor",
     "AIMImageConverter",
+    "AIMPretrainer",
     "WeightLoadingError",
     "__version__",
     "layers",
     "load_official_weights",
+    "losses",
+    "pretraining_optimizer",
     "resolve_probe_layers",
     "trunk_parameter_count",
 ]

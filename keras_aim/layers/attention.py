@@ -20,10 +20,11 @@ def prefix_causal_mask(prefix_lengths, num_tokens: int):
         `(batch, 1, N, N)` boolean mask, broadcastable over heads.
     """
     positions = ops.arange(num_tokens, dtype="int32")
-    causal = positions[None, :] <= positions[:, None]  # (N, N): key <= query
+    # ops.* (not operators) so that symbolic prefix lengths work too.
+    causal = ops.less_equal(positions[None, :], positions[:, None])  # key <= query
     prefix = ops.cast(prefix_lengths, "int32")[:, None, None]
-    in_prefix = positions[None, None, :] < prefix  # (B, 1, N) keys in prefix
-    return ops.logical_or(causal[None], in_prefix)[:, None, :, :]
+    in_prefix = ops.less(positions[None, None, :], prefix)  # (B, 1, N)
+    return ops.expand_dims(ops.logical_or(causal[None], in_prefix), 1)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -86,5 +87,59 @@ class AIMAttention(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {"hidden_dim": self.hidden_dim, "num_heads": self.num_heads}
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMPrefixSampler(keras.layers.Layer):
+    """Samples each image's prefix length S uniformly from [1, N-1].
+
+    In training, draws come from a `SeedGenerator` (a seeded run is
+    reproducible; its state is saved with the model). Otherwise the draws
+    use the fixed `eval_seed`, so evaluation sees the same prefix lengths
+    every time and its loss is comparable across epochs.
+
+    Call arguments:
+        images: `(B, H, W, C)`; only the batch size is used.
+        training: as usual.
+
+    Returns:
+        `(B,)` int32 prefix lengths.
+    """
+
+    def __init__(self, num_patches: int, seed=None, eval_seed: int = 1234, **kwargs):
+        super().__init__(**kwargs)
+        if num_patches < 2:
+            raise ValueError(
+                f"Pre-training needs at least 2 patches per image; got "
+                f"num_patches={num_patches}. Use larger images or smaller patches."
+            )
+        self.num_patches = num_patches
+        self.seed = seed
+        self.eval_seed = eval_seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        shape = (ops.shape(images)[0],)
+        seed = self.seed_generator if training else self.eval_seed
+        return keras.random.randint(
+            shape, minval=1, maxval=self.num_patches, dtype="int32", seed=seed
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],)
+
+    def compute_output_spec(self, images, training=None):
+        return keras.KerasTensor((images.shape[0],), dtype="int32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_patches": self.num_patches,
+                "seed": self.seed,
+                "eval_seed": self.eval_seed,
+            }
         )
         return config
