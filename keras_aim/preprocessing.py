@@ -25,6 +25,31 @@ def _shorter_side_size(height, width, target: int):
     return int(target * height / width), target
 
 
+def _resize_and_crop_dynamic(images, resize_size, crop, interpolation, antialias):
+    """The same transform for images whose size is only known at run time:
+    TensorFlow graphs (tf.data over differently sized images)."""
+    import tensorflow as tf
+
+    if tf.executing_eagerly():
+        raise ValueError("Images with unknown height/width need tf.data/tf.function.")
+    shape = tf.shape(images)
+    height, width = tf.cast(shape[1], "float32"), tf.cast(shape[2], "float32")
+    scale = resize_size / tf.minimum(height, width)
+    # torchvision: the shorter side becomes resize_size exactly, the other
+    # int(resize_size * long / short).
+    new_h = tf.where(height <= width, resize_size, tf.cast(height * scale, "int32"))
+    new_w = tf.where(height <= width, tf.cast(width * scale, "int32"), resize_size)
+    images = tf.image.resize(
+        tf.cast(images, "float32"),
+        tf.stack([new_h, new_w]),
+        method=interpolation,
+        antialias=antialias,
+    )
+    top = tf.cast(tf.round(tf.cast(new_h - crop[0], "float32") / 2.0), "int32")
+    left = tf.cast(tf.round(tf.cast(new_w - crop[1], "float32") / 2.0), "int32")
+    return images[:, top : top + crop[0], left : left + crop[1], :]
+
+
 def _to_float32(images):
     """Casts on TensorFlow inside tf.data graphs, on the backend elsewhere."""
     import tensorflow as tf
@@ -88,11 +113,14 @@ class AIMImageConverter(ImageConverter):
             images = images[None]
         height, width = images.shape[1], images.shape[2]
         if height is None or width is None:
-            raise ValueError(
-                "AIMImageConverter needs images with a known height and "
-                "width; in a tf.data pipeline of differently sized images, "
-                "map it over single images (before batching) instead."
+            images = _resize_and_crop_dynamic(
+                images,
+                self.resize_size,
+                (crop_h, crop_w),
+                self.interpolation,
+                self.antialias,
             )
+            return images[0] if unbatched else images
         new_h, new_w = _shorter_side_size(height, width, self.resize_size)
         if new_h < crop_h or new_w < crop_w:
             raise ValueError(

@@ -1,0 +1,23 @@
+"""Input pipelines (tf.data; TensorFlow is imported here, not in the models).
+
+- `embedded.digits()`: a small real image set that ships inside an installed
+  package (scikit-learn's handwritten digits), no download.
+- `pipelines`: training / evaluation datasets with AIM's augmentation from
+  NumPy arrays, image folders or tensorflow-datasets names.
+"""
+
+from keras_aim.data.embedded import digits
+from keras_aim.data.pipelines import (
+    classification_dataset,
+    image_folder,
+    pretraining_dataset,
+    tfds_images,
+)
+
+__all__ = [
+    "classification_dataset",
+    "digits",
+    "image_folder",
+    "pretraining_dataset",
+    "tfds_images",
+]

@@ -1,0 +1,241 @@
+"""tf.data pipelines for pre-training and probes, on any Keras backend.
+
+Augmentations use TensorFlow's *stateless* image ops seeded by
+`(seed, element index)`: a run is reproducible, and a resumed run sees
+exactly the images an uninterrupted one would (see `start_step`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from keras_aim.preprocessing import IMAGENET_MEAN, IMAGENET_STD, AIMImageConverter
+
+AUGMENTATIONS = ("aim", "shift", "none")
+
+
+def normalize(images):
+    """[0, 255] pixels -> ImageNet mean/std normalized float32."""
+    images = tf.cast(images, "float32") / 255.0
+    return (images - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def aim_augment(image, seed, image_size: int):
+    """The paper's training augmentation on one uint8 image `(H, W, 3)`:
+    random resized crop (area 0.4-1.0, aspect 3/4-4/3, bicubic) to
+    `image_size`, horizontal flip, color jitter (0.4, 0.4, 0.2, 0.1) with
+    probability 0.8, then normalization. `seed`: shape-(2,) int tensor."""
+    seeds = tf.random.experimental.stateless_split(seed, num=7)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seeds[0],
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.4, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(
+        tf.cast(image, "float32"), (image_size, image_size), "bicubic", antialias=True
+    )
+    image = tf.clip_by_value(image, 0.0, 255.0) / 255.0
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+
+    def jitter(x):
+        x = tf.image.stateless_random_brightness(x, 0.4, seeds[2])
+        x = tf.image.stateless_random_contrast(x, 0.6, 1.4, seeds[3])
+        x = tf.image.stateless_random_saturation(x, 0.8, 1.2, seeds[4])
+        x = tf.image.stateless_random_hue(x, 0.1, seeds[5])
+        return tf.clip_by_value(x, 0.0, 1.0)
+
+    apply = tf.random.stateless_uniform((), seeds[6]) < 0.8
+    image = tf.cond(apply, lambda: jitter(image), lambda: image)
+    return (image - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def shift_augment(image, seed, max_shift: int):
+    """Random translation by up to `max_shift` pixels (zero padding), then
+    normalization: a gentle augmentation for tiny images such as digits."""
+    height, width = image.shape[0], image.shape[1]
+    padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    image = tf.image.stateless_random_crop(padded, (height, width, 3), seed)
+    return normalize(image)
+
+
+def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int):
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"augmentation must be one of {AUGMENTATIONS}; received {augmentation!r}."
+        )
+    converter = AIMImageConverter(image_size=(image_size, image_size))
+
+    def fn(index, image):
+        element_seed = tf.stack([tf.constant(seed, tf.int64), index])
+        if augmentation == "aim":
+            return aim_augment(image, element_seed, image_size)
+        if augmentation == "shift":
+            return shift_augment(image, element_seed, max_shift)
+        return converter(image)
+
+    return fn
+
+
+def _image_source(images) -> tf.data.Dataset:
+    if isinstance(images, tf.data.Dataset):
+        return images
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"Expected images of shape (n, height, width, 3); got {images.shape}."
+        )
+    if len(images) == 0:
+        raise ValueError("The image set is empty.")
+    return tf.data.Dataset.from_tensor_slices(images)
+
+
+def pretraining_dataset(
+    images,
+    batch_size: int,
+    image_size: int,
+    augmentation: str = "aim",
+    seed: int = 0,
+    start_step: int = 0,
+    max_shift: int = 2,
+    shuffle_buffer: int = 10_000,
+) -> tf.data.Dataset:
+    """An endless, shuffled, augmented stream of normalized image batches.
+
+    Args:
+        images: uint8 `(n, H, W, 3)` array, or a `tf.data.Dataset` of uint8
+            `(H, W, 3)` images (any sizes with the "aim" augmentation).
+        batch_size: global batch size.
+        image_size: output side.
+        augmentation: "aim" (the paper's), "shift" (translation only) or
+            "none" (the evaluation transform).
+        seed: seeds the shuffle order and every augmentation.
+        start_step: batches to skip, so that a run resumed at step k sees
+            the same batches as an uninterrupted run.
+
+    Returns:
+        Dataset of float32 `(batch_size, image_size, image_size, 3)`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
+    source = _image_source(images)
+    ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat().enumerate().skip(start_step * batch_size)
+    ds = ds.map(
+        _augment_fn(augmentation, image_size, seed, max_shift),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def classification_dataset(
+    images,
+    labels,
+    batch_size: int,
+    image_size: int,
+    training: bool,
+    augmentation: str = "aim",
+    seed: int = 0,
+    max_shift: int = 2,
+    num_classes: int | None = None,
+) -> tf.data.Dataset:
+    """(normalized images, labels) batches for probes and fine-tuning.
+
+    Training: shuffled and augmented, one pass per epoch. Evaluation: the
+    evaluation transform, in order. Raises before any training if the data
+    is empty or a label is outside `[0, num_classes)`.
+    """
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        raise ValueError("The dataset is empty: no images to train or evaluate on.")
+    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"Labels must be in [0, {num_classes}); found {labels.min()}.."
+            f"{labels.max()}. Check the data or the head's num_classes."
+        )
+    source = tf.data.Dataset.zip(
+        (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
+    )
+    augment = _augment_fn(augmentation if training else "none", image_size, seed, max_shift)
+    if training:
+        source = source.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = source.enumerate().map(
+        lambda i, pair: (augment(i, pair[0]), pair[1]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def image_folder(directory: str):
+    """Images in `directory/<class>/<file>` (or directly in `directory`).
+
+    Unreadable or corrupt files are skipped and counted (checked with
+    Pillow while listing), not a crash.
+
+    Returns:
+        `(dataset of (uint8 image (H, W, 3), int32 label), class_names,
+        skipped_files)`.
+    """
+    from PIL import Image
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
+    classes = sorted(
+        d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d))
+    )
+    entries = [(directory, 0)] if not classes else [
+        (os.path.join(directory, c), i) for i, c in enumerate(classes)
+    ]
+    paths, labels, skipped = [], [], []
+    for folder, label in entries:
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.convert("RGB").load()
+            except Exception:  # any decoding failure: skip and count
+                skipped.append(path)
+                continue
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise ValueError(
+            f"No readable images in {directory!r} ({len(skipped)} unreadable)."
+        )
+
+    def load(path, label):
+        data = tf.io.read_file(path)
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.ensure_shape(image, (None, None, 3)), label
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, "int32")))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds, classes or [os.path.basename(directory)], skipped
+
+
+def tfds_images(name: str, split: str, data_dir: str | None = None):
+    """A tensorflow-datasets split as a dataset of (uint8 image, label).
+
+    Needs the dataset prepared in `data_dir` (or downloadable by tfds).
+    """
+    import tensorflow_datasets as tfds
+
+    ds, info = tfds.load(
+        name, split=split, data_dir=data_dir, as_supervised=True, with_info=True
+    )
+    return ds, info.features["label"].names
