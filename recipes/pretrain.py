@@ -1,0 +1,174 @@
+"""AIM pre-training with `fit`, on any Keras backend.
+
+    python recipes/pretrain.py --config tiny --workdir runs/tiny
+    python recipes/pretrain.py --config tiny --workdir runs/tiny --resume
+    python recipes/pretrain.py --config aim_600m --workdir gs://... --data tfds:imagenet2012
+
+Configs live in recipes/configs/ (one per experiment). The run directory
+gets checkpoints (every `checkpoint_every` steps and on Ctrl-C / SIGTERM),
+log.csv, tensorboard/ and, at the end, the trained trunk as a keras-hub
+preset in backbone/. `--resume` continues from the newest checkpoint with
+the same step, optimizer state, learning-rate schedule, random state and
+data order, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+from configs import NAMES, load  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=NAMES, default="tiny")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, help="override total_steps")
+    parser.add_argument("--batch-size", type=int, help="override batch_size")
+    parser.add_argument("--checkpoint-every", type=int, help="override")
+    parser.add_argument(
+        "--data", help="digits | tfds:NAME[:SPLIT] | folder:PATH (override)"
+    )
+    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    return parser.parse_args(argv)
+
+
+def validate(config: dict, num_devices: int) -> None:
+    """Raises ValueError naming the bad setting and the fix."""
+    size, patch = config["image_size"], config["patch_size"]
+    if size % patch:
+        raise ValueError(
+            f"image_size {size} is not a multiple of patch_size {patch}; use "
+            f"{size - size % patch} or {size - size % patch + patch}."
+        )
+    if (size // patch) ** 2 < 2:
+        raise ValueError("Pre-training needs at least 2 patches per image.")
+    if config["batch_size"] % num_devices:
+        raise ValueError(
+            f"batch_size {config['batch_size']} is not divisible by the "
+            f"{num_devices} devices; use a multiple of {num_devices}."
+        )
+    if config["total_steps"] < 2 or config["checkpoint_every"] < 1:
+        raise ValueError("total_steps must be >= 2 and checkpoint_every >= 1.")
+
+
+def device_count() -> int:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        return len(keras.distribution.list_devices())
+    return 1
+
+
+def image_source(spec: str, seed: int):
+    """uint8 images from a data spec (see --data)."""
+    from keras_aim import data
+
+    if spec == "digits":
+        (x_train, _), _ = data.digits(16, seed=seed)
+        return x_train
+    kind, _, rest = spec.partition(":")
+    if kind == "tfds":
+        name, _, split = rest.partition(":")
+        ds, _ = data.tfds_images(name, split or "train")
+        return ds.map(lambda image, label: image)
+    if kind == "folder":
+        ds, _, skipped = data.image_folder(rest)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image files in {rest}")
+        return ds.map(lambda image, label: image)
+    raise ValueError(f"Unknown data {spec!r}: use digits, tfds:NAME or folder:PATH.")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load(args.config)
+    for key in ("steps", "batch_size", "checkpoint_every", "data"):
+        value = getattr(args, key)
+        if value is not None:
+            config["total_steps" if key == "steps" else key] = value
+
+    import keras
+
+    import keras_aim
+    from keras_aim import checkpointing, data
+
+    validate(config, device_count())
+    checkpoints = os.path.join(args.workdir, "checkpoints")
+    existing = checkpointing.list_checkpoints(checkpoints)
+    if existing and not args.resume:
+        raise SystemExit(
+            f"error: {args.workdir} already has checkpoints; pass --resume to "
+            "continue that run, or choose another --workdir."
+        )
+    keras.mixed_precision.set_global_policy(config["precision"])
+    keras.utils.set_random_seed(args.seed)
+
+    backbone = keras_aim.AIMBackbone(
+        image_shape=(config["image_size"], config["image_size"], 3),
+        patch_size=config["patch_size"],
+        hidden_dim=config["hidden_dim"],
+        num_layers=config["num_layers"],
+        num_heads=config["num_heads"],
+        layer_norm_epsilon=1e-5,  # the training code's value
+    )
+    pretrainer = keras_aim.AIMPretrainer(
+        backbone,
+        pixel_head_width=config["pixel_head_width"],
+        pixel_head_depth=config["pixel_head_depth"],
+        seed=args.seed,
+    )
+    pretrainer.compile(
+        optimizer=keras_aim.pretraining_optimizer(
+            config["total_steps"], config["learning_rate"]
+        )
+    )
+    step = 0
+    if existing:
+        step = checkpointing.restore_checkpoint(pretrainer, existing[-1])
+        print(f"resumed from {existing[-1]} at step {step}")
+    images = image_source(config["data"], args.seed)
+
+    # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    callbacks = [
+        keras.callbacks.CSVLogger(os.path.join(args.workdir, "log.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(args.workdir, "tensorboard")),
+    ]
+    start = time.perf_counter()
+    total, every = config["total_steps"], config["checkpoint_every"]
+    try:
+        while step < total:
+            chunk = min(every - step % every, total - step)
+            stream = data.pretraining_dataset(
+                images, config["batch_size"], config["image_size"],
+                config["augmentation"], seed=args.seed, start_step=step,
+            )
+            pretrainer.fit(
+                stream, steps_per_epoch=chunk, initial_epoch=step // every,
+                epochs=step // every + 1, verbose=args.verbose, callbacks=callbacks,
+            )
+            step += chunk
+            path = checkpointing.save_checkpoint(pretrainer, checkpoints)
+            print(f"step {step}/{total}: checkpoint {path}", flush=True)
+    except KeyboardInterrupt:
+        path = checkpointing.save_checkpoint(pretrainer, checkpoints)
+        print(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
+        return 130
+    pretrainer.backbone.save_to_preset(os.path.join(args.workdir, "backbone"))
+    print(f"done: {total} steps in {time.perf_counter() - start:.0f} s; trunk "
+          f"saved to {os.path.join(args.workdir, 'backbone')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

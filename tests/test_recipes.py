@@ -1,0 +1,119 @@
+"""Recipes: kill-and-resume of pre-training, config errors, the demo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "recipes")]
+
+import pretrain  # noqa: E402
+from configs import load  # noqa: E402
+
+RUN = ["--config", "tiny", "--steps", "40", "--checkpoint-every", "10",
+       "--batch-size", "32", "--verbose", "0"]
+only_jax = pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="spawns processes; once is enough"
+)
+
+
+def pretrain_process(workdir, *extra):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "pretrain.py"), *RUN,
+         "--workdir", str(workdir), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def final_state(workdir):
+    path = workdir / "checkpoints" / "ckpt-000000040.npz"
+    with np.load(path) as stored:
+        return {k: stored[k] for k in stored.files}
+
+
+@pytest.mark.slow
+@only_jax
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    straight = pretrain_process(tmp_path / "straight")
+    interrupted = pretrain_process(tmp_path / "killed")
+    first = tmp_path / "killed" / "checkpoints" / "ckpt-000000010.npz"
+    deadline = time.time() + 240
+    while not first.exists() and interrupted.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), interrupted.communicate()[1][-3000:]
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    assert not (tmp_path / "killed" / "backbone").exists()  # it did not finish
+
+    resumed = pretrain_process(tmp_path / "killed", "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    out, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-3000:]
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert a.keys() == b.keys() and len(a) > 50
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+    assert (tmp_path / "killed" / "backbone" / "config.json").exists()
+
+
+def test_existing_run_needs_resume(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "ckpt-000000010.npz").write_bytes(b"")
+    with pytest.raises(SystemExit, match="pass --resume"):
+        pretrain.main(RUN + ["--workdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(image_size=18), "image_size 18 is not a multiple of patch_size 4; use 16 or 20"),
+        (dict(batch_size=30), "batch_size 30 is not divisible by the 8 devices"),
+        (dict(total_steps=1), "total_steps must be >= 2"),
+    ],
+)
+def test_invalid_configs_are_named(changes, message):
+    config = {**load("tiny"), **changes}
+    with pytest.raises(ValueError, match=message):
+        pretrain.validate(config, num_devices=8)
+
+
+def test_paper_configs_follow_the_spec():
+    config = load("aim_7b")
+    assert (config["hidden_dim"], config["num_layers"], config["num_heads"]) == (4096, 32, 32)
+    assert config["batch_size"] == 4096 and config["total_steps"] == 1_200_000
+    assert config["precision"] == "mixed_bfloat16"
+    assert load("aim_600m")["total_steps"] == 500_000
+    pretrain.validate(config, num_devices=8)
+
+
+@pytest.mark.slow
+@only_jax
+def test_demo_runs_and_writes_its_summary(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    summary = tmp_path / "summary.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "demo.py"), "--steps", "50",
+         "--summary", str(summary)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(summary.read_text())
+    for key in ("pretrained_probe_accuracy", "random_probe_accuracy",
+                "raw_pixel_baseline_accuracy", "first_loss", "last_loss", "seconds"):
+        assert key in figures
+    assert figures["last_loss"] < figures["first_loss"]
+    assert 0.1 < figures["pretrained_probe_accuracy"] <= 1.0
+    assert (tmp_path / "demo_loss.png").stat().st_size > 1000
