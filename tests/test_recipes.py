@@ -117,3 +117,21 @@ def test_demo_runs_and_writes_its_summary(tmp_path):
     assert figures["last_loss"] < figures["first_loss"]
     assert 0.1 < figures["pretrained_probe_accuracy"] <= 1.0
     assert (tmp_path / "demo_loss.png").stat().st_size > 1000
+
+
+def test_attentive_probe_recipe_on_a_saved_trunk(tmp_path, capsys):
+    import attentive_probe
+
+    import keras_aim
+
+    backbone = keras_aim.AIMBackbone(
+        image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2
+    )
+    backbone.save_to_preset(str(tmp_path / "trunk"))
+    code = attentive_probe.main(
+        ["--backbone", str(tmp_path / "trunk"), "--epochs", "2", "--probe-layers", "0,1"]
+    )
+    assert code == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("attentive probe on blocks (0, 1): top-1 ")
+    assert line.endswith("(359 images)")
