@@ -229,7 +229,8 @@ def image_folder(directory: str):
 
 
 def tfds_images(name: str, split: str, data_dir: str | None = None):
-    """A tensorflow-datasets split as a dataset of (uint8 image, label).
+    """A tensorflow-datasets split as a dataset of (uint8 RGB image, label);
+    grayscale images get 3 channels.
 
     Needs the dataset prepared in `data_dir` (or downloadable by tfds).
     """
@@ -238,4 +239,6 @@ def tfds_images(name: str, split: str, data_dir: str | None = None):
     ds, info = tfds.load(
         name, split=split, data_dir=data_dir, as_supervised=True, with_info=True
     )
+    if info.features["image"].shape[-1] == 1:
+        ds = ds.map(lambda image, label: (tf.image.grayscale_to_rgb(image), label))
     return ds, info.features["label"].names
