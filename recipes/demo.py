@@ -17,21 +17,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-# The demo's configuration (big_vision style: all knobs in one place).
+from common import build_pretrainer  # noqa: E402
+from configs import load  # noqa: E402
+
+# The tiny pre-training config plus the probe's settings.
 CONFIG = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_dim=128,
-    num_layers=4,
-    num_heads=4,
-    pixel_head_width=128,
-    pixel_head_depth=2,
-    batch_size=128,
-    steps=600,
-    learning_rate=1e-3,
-    augmentation="shift",  # translations of up to 2 px; flips would hurt digits
+    load("tiny"),
     probe_layers=(1, 2, 3),
     probe_epochs=60,
     log_every=25,
@@ -40,7 +34,7 @@ CONFIG = dict(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=CONFIG["steps"])
+    parser.add_argument("--steps", type=int, default=CONFIG["total_steps"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", default=None, help="write the figures as JSON")
     parser.add_argument("--plot", default=None, help="loss curve PNG path")
@@ -49,7 +43,6 @@ def main(argv=None) -> int:
         parser.error(f"--steps must be at least {2 * CONFIG['log_every']}")
 
     import keras
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
 
     import keras_aim
@@ -57,7 +50,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
-    c = CONFIG
+    c = dict(CONFIG)
     (x_train, y_train), (x_test, y_test) = data.digits(c["image_size"], seed=args.seed)
     print(f"digits: {len(x_train)} train / {len(x_test)} test images, "
           f"{c['image_size']}x{c['image_size']}, backend {keras.backend.backend()}")
@@ -67,26 +60,8 @@ def main(argv=None) -> int:
     baseline = LogisticRegression(max_iter=2000).fit(flat(x_train), y_train)
     raw_accuracy = float(baseline.score(flat(x_test), y_test))
 
-    def new_backbone():
-        return keras_aim.AIMBackbone(
-            image_shape=(c["image_size"], c["image_size"], 3),
-            patch_size=c["patch_size"],
-            hidden_dim=c["hidden_dim"],
-            num_layers=c["num_layers"],
-            num_heads=c["num_heads"],
-            layer_norm_epsilon=1e-5,
-        )
-
-    # Pre-training.
-    pretrainer = keras_aim.AIMPretrainer(
-        new_backbone(),
-        pixel_head_width=c["pixel_head_width"],
-        pixel_head_depth=c["pixel_head_depth"],
-        seed=args.seed,
-    )
-    pretrainer.compile(
-        optimizer=keras_aim.pretraining_optimizer(args.steps, c["learning_rate"])
-    )
+    c["total_steps"] = args.steps
+    pretrainer = build_pretrainer(c, args.seed)
     stream = data.pretraining_dataset(
         x_train, c["batch_size"], c["image_size"], c["augmentation"], seed=args.seed
     )
@@ -117,7 +92,7 @@ def main(argv=None) -> int:
 
     pretrained_accuracy = probe(pretrainer.backbone)
     keras.utils.set_random_seed(args.seed + 1000)
-    random_accuracy = probe(new_backbone())
+    random_accuracy = probe(keras_aim.AIMBackbone.from_config(pretrainer.backbone.get_config()))
     seconds = time.perf_counter() - start
 
     summary = {

@@ -23,6 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
+from common import build_pretrainer  # noqa: E402
 from configs import NAMES, load  # noqa: E402
 
 
@@ -99,7 +100,6 @@ def main(argv=None) -> int:
 
     import keras
 
-    import keras_aim
     from keras_aim import checkpointing, data
 
     validate(config, device_count())
@@ -113,25 +113,7 @@ def main(argv=None) -> int:
     keras.mixed_precision.set_global_policy(config["precision"])
     keras.utils.set_random_seed(args.seed)
 
-    backbone = keras_aim.AIMBackbone(
-        image_shape=(config["image_size"], config["image_size"], 3),
-        patch_size=config["patch_size"],
-        hidden_dim=config["hidden_dim"],
-        num_layers=config["num_layers"],
-        num_heads=config["num_heads"],
-        layer_norm_epsilon=1e-5,  # the training code's value
-    )
-    pretrainer = keras_aim.AIMPretrainer(
-        backbone,
-        pixel_head_width=config["pixel_head_width"],
-        pixel_head_depth=config["pixel_head_depth"],
-        seed=args.seed,
-    )
-    pretrainer.compile(
-        optimizer=keras_aim.pretraining_optimizer(
-            config["total_steps"], config["learning_rate"]
-        )
-    )
+    pretrainer = build_pretrainer(config, args.seed)
     step = 0
     if existing:
         step = checkpointing.restore_checkpoint(pretrainer, existing[-1])
