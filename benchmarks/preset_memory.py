@@ -56,7 +56,6 @@ print(json.dumps({"after_imports": after_imports, "peak": peak, "seconds": secon
 def write_released_checkpoint(name: str, folder: str) -> tuple[str, int]:
     """Random weights with the released key names and shapes, as torch.save
     writes them. Returns (path, float32 weight bytes)."""
-    import numpy as np
     import torch
 
     from keras_aim.presets import get_preset

@@ -10,7 +10,6 @@ from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMPixelHead, AIMPrefixSampler, prefix_causal_mask
 from keras_aim.losses import (
     next_patch_pixel_loss,
-    normalized_patch_targets,
     patchify,
     unpatchify,
     PATCH_NORM_EPSILON,

@@ -45,6 +45,15 @@ def no_network_and_private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
 
 
+@pytest.fixture
+def release(tmp_path, monkeypatch):
+    """The tiny model as a released preset on a local server (see
+    tests/tiny_release.py)."""
+    from tests.tiny_release import serve_tiny_release
+
+    yield from serve_tiny_release(tmp_path, monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def reference():
     """Every .npy array of the reference, by file stem."""

@@ -9,7 +9,7 @@ from PIL import Image
 
 import keras_aim
 from keras_aim import cli
-from tests.tiny_release import FILES, NAME, release  # noqa: F401 (fixture)
+from tests.tiny_release import FILES, NAME
 
 
 def test_info_lists_every_preset(capsys):

@@ -15,7 +15,7 @@ from keras_aim import released_weights
 from keras_aim.download import ChecksumError, DownloadError, OfflineError
 from keras_aim.presets import AIM_PRESETS
 from tests.conftest import fixture_path, to_numpy
-from tests.tiny_release import FILES, NAME, release  # noqa: F401 (fixture)
+from tests.tiny_release import FILES, NAME
 
 def cache_entries():
     home = released_weights.keras_aim_home()

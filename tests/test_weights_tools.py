@@ -9,7 +9,7 @@ import keras_hub
 import numpy as np
 
 from tests.conftest import to_numpy
-from tests.tiny_release import NAME, release  # noqa: F401 (fixture)
+from tests.tiny_release import NAME
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 sys.path.insert(0, str(WEIGHTS))

@@ -3,8 +3,6 @@
 
 import hashlib
 
-import pytest
-
 from keras_aim.presets import AIM_PRESETS, register_preset
 from tests.conftest import TINY_CONFIG, fixture_path
 from tests.release_server import ReleaseServer
@@ -21,9 +19,9 @@ def served_files():
     return {served: open(fixture_path(f), "rb").read() for served, f in FILES.values()}
 
 
-@pytest.fixture
-def release(tmp_path, monkeypatch):
-    """A registered tiny preset served from 127.0.0.1, with an empty cache."""
+def serve_tiny_release(tmp_path, monkeypatch):
+    """Registers the tiny preset, serves its files from 127.0.0.1 and points
+    an empty cache at tmp_path; yields the server (the `release` fixture)."""
     files = served_files()
     monkeypatch.setitem(AIM_PRESETS, NAME, None)  # restored after the test
     register_preset(
