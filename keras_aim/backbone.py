@@ -192,6 +192,42 @@ class AIMBackbone(Backbone):
         _, outputs = self._run_trunk(images, None, indices, final_norm=False)
         return outputs
 
+    def extract_features(
+        self,
+        images,
+        block_indices: Sequence[int] | None = None,
+        pooling: str | None = None,
+    ):
+        """Features for downstream use, at any size divisible by the patch.
+
+        Args:
+            images: `(B, H, W, C)` normalized images.
+            block_indices: `None` for the post_trunk_norm tokens; otherwise
+                the average of these blocks' outputs (before the final norm,
+                as the attentive probe uses them).
+            pooling: `None` for per-token features, `"mean"` for the mean
+                over tokens.
+
+        Returns:
+            `(B, N, D)` with `N = H/p * W/p`, or `(B, D)` with `"mean"`.
+        """
+        if pooling not in (None, "mean"):
+            raise ValueError(f"pooling must be None or 'mean'; received {pooling!r}.")
+        if block_indices is None:
+            self.check_images(images)
+            features, _ = self._run_trunk(images, None, (), final_norm=True)
+        else:
+            if len(block_indices) == 0:
+                raise ValueError("block_indices is empty; name at least one block.")
+            blocks = self.block_outputs(images, block_indices)
+            features = blocks[0]
+            for block in blocks[1:]:
+                features = features + block
+            features = features / len(blocks)
+        if pooling == "mean":
+            features = keras.ops.mean(features, axis=1)
+        return features
+
     def encode(self, images, attention_mask=None):
         """Runs the trunk, optionally with an attention mask.
 

@@ -1,4 +1,4 @@
-"""The `keras-aim` command line: info, download, classify."""
+"""The `keras-aim` command line: info, download, classify, features."""
 
 from __future__ import annotations
 
@@ -125,6 +125,59 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _features(args: argparse.Namespace) -> int:
+    import os
+
+    import numpy as np
+    from keras import ops
+
+    from keras_aim.backbone import AIMBackbone
+    from keras_aim.classifier import resolve_probe_layers
+    from keras_aim.preprocessing import AIMImageConverter
+
+    images, names, failures = [], [], 0
+    for path in args.images:
+        try:
+            images.append(read_image(path))
+            names.append(path)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+    if not images:
+        return 1
+    backbone = AIMBackbone.from_preset(args.preset, image_shape=(None, None, 3))
+    size = args.image_size or 224
+    blocks = None
+    if args.blocks != "final":
+        blocks = resolve_probe_layers(
+            args.blocks if args.blocks in ("last", "best")
+            else tuple(int(i) for i in args.blocks.split(",")),
+            backbone,
+        )
+    converter = AIMImageConverter(image_size=(size, size))
+    pooling = None if args.pooling == "none" else args.pooling
+    features = []
+    for start in range(0, len(images), args.batch_size):
+        batch = np.stack([
+            ops.convert_to_numpy(converter(image))
+            for image in images[start : start + args.batch_size]
+        ])
+        out = backbone.extract_features(batch, blocks, pooling)
+        features.append(ops.convert_to_numpy(ops.cast(out, "float32")))
+    staging = args.out + ".tmp.npz"
+    np.savez(
+        staging,
+        features=np.concatenate(features),
+        paths=np.array(names),
+        blocks=np.array(blocks if blocks is not None else [], "int32"),
+        image_size=np.array(size),
+    )
+    os.replace(staging, args.out)
+    shape = np.concatenate(features).shape
+    print(f"{args.out}: features {shape} for {len(names)} images")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keras_aim.version import __version__
 
@@ -176,6 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--batch-size", type=_positive_int, default=8)
     classify.add_argument("--dtype", default=None, help="e.g. bfloat16")
     classify.set_defaults(handler=_classify)
+
+    features = commands.add_parser(
+        "features", help="save trunk features of images to an .npz file"
+    )
+    features.add_argument("images", nargs="+", metavar="IMAGE")
+    features.add_argument("--preset", default="aim_600m")
+    features.add_argument("--out", required=True, help="output .npz")
+    features.add_argument(
+        "--blocks", default="final",
+        help="final (post-norm tokens), last, best, or block indices like 14,15",
+    )
+    features.add_argument("--pooling", choices=["mean", "none"], default="mean")
+    features.add_argument(
+        "--image-size", type=_positive_int, default=None,
+        help="side after resize + center crop (a multiple of the patch; default 224)",
+    )
+    features.add_argument("--batch-size", type=_positive_int, default=8)
+    features.set_defaults(handler=_features)
     return parser
 
 

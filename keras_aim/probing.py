@@ -29,20 +29,12 @@ def probe_features(
     else:
         batches = images
 
-    extract = _feature_fn(backbone, tuple(block_indices))
     for batch in batches:
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
-        outputs.append(keras.ops.convert_to_numpy(extract(batch)).astype("float32"))
+        features = backbone.extract_features(batch, list(block_indices))
+        outputs.append(keras.ops.convert_to_numpy(features).astype("float32"))
     return np.concatenate(outputs)
-
-
-def _feature_fn(backbone, block_indices):
-    def extract(batch):
-        blocks = backbone.block_outputs(batch, list(block_indices))
-        return keras.ops.mean(keras.ops.stack(blocks), axis=0)
-
-    return extract
 
 
 def train_attentive_probe(

@@ -261,3 +261,22 @@ def test_config_matches_constructor_arguments():
     config = make_tiny_backbone().get_config()
     for key, value in TINY_CONFIG.items():
         assert config[key] == value
+
+
+def test_extract_features_at_two_sizes(tiny_backbone, reference):
+    images = reference["images_nhwc"]
+    final = to_numpy(tiny_backbone.extract_features(images))
+    np.testing.assert_allclose(final, reference["final_normed_tokens"], atol=PARITY_ATOL)
+    averaged = to_numpy(tiny_backbone.extract_features(images, [2, 3]))
+    np.testing.assert_allclose(
+        averaged, reference["block_outputs"][2:].mean(0), atol=PARITY_ATOL
+    )
+    pooled = to_numpy(tiny_backbone.extract_features(images, [2, 3], "mean"))
+    np.testing.assert_allclose(pooled, averaged.mean(1), atol=1e-5)
+    larger = np.zeros((2, 48, 40, 3), "float32")
+    assert tuple(tiny_backbone.extract_features(larger).shape) == (2, 30, 64)
+    assert tuple(tiny_backbone.extract_features(larger, [0], "mean").shape) == (2, 64)
+    with pytest.raises(ValueError, match="nearest valid sizes"):
+        tiny_backbone.extract_features(np.zeros((1, 36, 32, 3), "float32"))
+    with pytest.raises(ValueError, match="pooling must be None or 'mean'"):
+        tiny_backbone.extract_features(images, pooling="max")

@@ -99,3 +99,23 @@ def test_download_files_only(release, capsys):
     assert cli.main(["download", NAME, "--files-only", "--probe", "none"]) == 0
     path = capsys.readouterr().out.strip()
     assert path.endswith(FILES["backbone"][0])
+
+
+def test_features_command_at_two_sizes(release, tmp_path, capsys):
+    jpeg, png, _ = write_images(tmp_path)
+    for size, tokens in ((32, 16), (48, 36)):
+        out = tmp_path / f"feats{size}.npz"
+        assert cli.main(["features", jpeg, png, "--preset", NAME, "--out", str(out),
+                         "--blocks", "2,3", "--pooling", "none",
+                         "--image-size", str(size)]) == 0
+        saved = np.load(out)
+        assert saved["features"].shape == (2, tokens, 64)
+        assert list(saved["paths"]) == [jpeg, png]
+    pooled = tmp_path / "pooled.npz"
+    assert cli.main(["features", jpeg, "--preset", NAME, "--out", str(pooled),
+                     "--image-size", "32"]) == 0
+    assert np.load(pooled)["features"].shape == (1, 64)
+    # Not a multiple of the patch: the foundation's error.
+    with pytest.raises(ValueError, match="nearest valid sizes: 32 or 40"):
+        cli.main(["features", jpeg, "--preset", NAME, "--out", str(pooled),
+                  "--image-size", "36"])
