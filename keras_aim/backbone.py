@@ -130,6 +130,11 @@ class AIMBackbone(Backbone):
         picked = [outputs[i] for i in block_indices]
         return (self.post_trunk_norm(x) if final_norm else None), picked
 
+    def default_lora_layer_names(self) -> list[str]:
+        """LoRA targets of `enable_lora(rank)`, as in Apple's release: the
+        q and v parts of every fused qkv and the attention output projection."""
+        return ["qkv", "proj"]
+
     def check_images(self, images, exact_size: bool = False) -> None:
         """Raises a `ValueError` naming the problem if `images` do not fit.
 

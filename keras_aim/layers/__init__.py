@@ -2,6 +2,7 @@
 
 from keras_aim.layers.attention import (
     AIMAttention,
+    AIMFusedQKV,
     AIMPrefixSampler,
     prefix_causal_mask,
 )
@@ -18,6 +19,7 @@ from keras_aim.layers.transformer_block import AIMTransformerBlock
 __all__ = [
     "AIMAttention",
     "AIMAttentionProbe",
+    "AIMFusedQKV",
     "AIMMLP",
     "AIMPatchEmbedding",
     "AIMPixelHead",

@@ -28,6 +28,61 @@ def prefix_causal_mask(prefix_lengths, num_tokens: int):
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
+class AIMFusedQKV(keras.layers.Dense):
+    """The fused `D -> 3D` qkv projection (outputs ordered q, k, v).
+
+    Its LoRA (`enable_lora(rank)`, as keras-hub's `Backbone.enable_lora`
+    calls it) adapts only the q and v parts, as Apple's release does:
+    `lora_kernel_a` is `(D, 2r)` = `[A_q | A_v]`, `lora_kernel_b` is
+    `(2r, D)` = `[B_q; B_v]`, and the kernel becomes
+    `W + alpha/r * [A_q B_q, 0, A_v B_v]`. Saving merges the update into the
+    kernel, like Keras' Dense.
+    """
+
+    def enable_lora(
+        self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"
+    ):
+        if not self.built:
+            raise ValueError("Build the layer before enabling LoRA.")
+        if self.lora_enabled:
+            raise ValueError("LoRA is already enabled on this layer.")
+        if self.quantization_mode is not None:
+            raise NotImplementedError("LoRA on a quantized fused qkv is not supported.")
+        dim = self.units // 3
+        self._tracker.unlock()
+        self.lora_kernel_a = self.add_weight(
+            name="lora_kernel_a",
+            shape=(self._kernel.shape[0], 2 * rank),
+            initializer=keras.initializers.get(a_initializer),
+            regularizer=self.kernel_regularizer,
+        )
+        self.lora_kernel_b = self.add_weight(
+            name="lora_kernel_b",
+            shape=(2 * rank, dim),
+            initializer=keras.initializers.get(b_initializer),
+            regularizer=self.kernel_regularizer,
+        )
+        self._kernel.trainable = False
+        self._tracker.lock()
+        self.lora_enabled = True
+        self.lora_rank = rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
+
+    @property
+    def kernel(self):
+        if not self.lora_enabled:
+            return super().kernel
+        r = self.lora_rank
+        a, b = self.lora_kernel_a, self.lora_kernel_b
+        delta_q = ops.matmul(a[:, :r], b[:r])
+        delta_v = ops.matmul(a[:, r:], b[r:])
+        delta = ops.concatenate([delta_q, ops.zeros_like(delta_q), delta_v], axis=1)
+        return ops.cast(
+            self._kernel + (self.lora_alpha / r) * delta, self.compute_dtype
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
 class AIMAttention(keras.layers.Layer):
     """Multi-head self-attention with a fused, bias-free qkv projection.
 
@@ -59,7 +114,7 @@ class AIMAttention(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
-        self.qkv = keras.layers.Dense(
+        self.qkv = AIMFusedQKV(
             3 * hidden_dim, use_bias=False, dtype=self.dtype_policy, name="qkv"
         )
         self.proj = keras.layers.Dense(

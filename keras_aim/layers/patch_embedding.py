@@ -45,7 +45,8 @@ class AIMPatchEmbedding(keras.layers.Layer):
             kernel_initializer="glorot_uniform",
             data_format="channels_last",
             dtype=self.dtype_policy,
-            name="proj",
+            # Not "proj": keras-hub's enable_lora matches attention "proj".
+            name="conv",
         )
         self.norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="norm"
