@@ -135,3 +135,29 @@ def test_attentive_probe_recipe_on_a_saved_trunk(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("attentive probe on blocks (0, 1): top-1 ")
     assert line.endswith("(359 images)")
+
+
+def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
+    import finetune_lora
+
+    import keras_aim
+
+    backbone = keras_aim.AIMBackbone(
+        image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2
+    )
+    backbone.save_to_preset(str(tmp_path / "trunk"))
+    out = tmp_path / "lora"
+    code = finetune_lora.main([
+        "--backbone", str(tmp_path / "trunk"), "--out", str(out), "--epochs", "1",
+        "--rank", "4", "--probe-layers", "0,1", "--merge",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    # Adapters: per block q+v (2 x (32*4 + 4*32)) + proj (32*4 + 4*32).
+    assert "adapters 1,536 = " in printed
+    assert "LoRA r=4 fine-tuned probe: top-1 " in printed
+    assert {p.name for p in out.iterdir()} == {
+        "adapters.lora.h5", "probe.weights.h5", "merged_backbone"
+    }
+    merged = keras_aim.AIMBackbone.from_preset(str(out / "merged_backbone"))
+    assert not merged.blocks[0].attn.qkv.lora_enabled
