@@ -30,8 +30,8 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
     `"last"`: a preset's released "last" blocks, else the last 6 (all of
     them if the trunk has fewer); `"best"`: the presets' best blocks (spec
-    table);
-    an int n: the last n blocks; a sequence: explicit (negative allowed).
+    table); an int n: the last n blocks; a sequence: explicit block
+    indices (negative count from the end).
     """
     depth = backbone.num_layers
     if isinstance(probe_layers, str):
