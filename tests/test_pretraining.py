@@ -68,7 +68,10 @@ def test_pixel_head_shapes_and_output_init():
     # Keras' truncated normal is rescaled to keep variance scale / fan_in.
     expected_std = np.sqrt(1.0 / 13 / 64)
     assert abs(kernel.std() / expected_std - 1) < 0.1
-    assert np.abs(kernel).max() <= 2 * np.sqrt(1.0 / 13 / 64) / 0.87962566 + 1e-6
+    # Truncated at 2 stddev (Keras' torch backend redraws only 4 times, so
+    # about 1 value in 250,000 may lie outside).
+    bound = 2 * np.sqrt(1.0 / 13 / 64) / 0.87962566 + 1e-6
+    assert np.mean(np.abs(kernel) <= bound) >= 0.999
     np.testing.assert_array_equal(to_numpy(head.output_proj.bias), 0)
 
 
