@@ -83,4 +83,11 @@ def train_attentive_probe(
 
 def top1_accuracy(model: keras.Model, features: np.ndarray, labels: np.ndarray) -> float:
     logits = model.predict(np.asarray(features, "float32"), batch_size=512, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
+    return topk_accuracy(logits, labels, 1)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the k largest logits."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    top = np.argsort(-logits, axis=-1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=-1)))

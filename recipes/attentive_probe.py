@@ -69,11 +69,11 @@ def main(argv=None) -> int:
         features, train_labels, num_classes, backbone.num_heads,
         epochs=args.epochs, seed=args.seed,
     )
-    accuracy = probing.top1_accuracy(
-        model, probing.probe_features(backbone, val, layers), val_labels
-    )
-    print(f"attentive probe on blocks {layers}: top-1 {accuracy:.2%} "
-          f"({len(val_labels)} images)")
+    logits = model.predict(probing.probe_features(backbone, val, layers), verbose=0)
+    top1 = probing.topk_accuracy(logits, val_labels, 1)
+    top5 = probing.topk_accuracy(logits, val_labels, 5)
+    print(f"attentive probe on blocks {layers}: top-1 {top1:.2%}, top-5 "
+          f"{top5:.2%} ({len(val_labels)} images)")
     return 0
 
 

@@ -134,7 +134,7 @@ def test_attentive_probe_recipe_on_a_saved_trunk(tmp_path, capsys):
     assert code == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("attentive probe on blocks (0, 1): top-1 ")
-    assert line.endswith("(359 images)")
+    assert ", top-5 " in line and line.endswith("(359 images)")
 
 
 def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
@@ -161,3 +161,37 @@ def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
     }
     merged = keras_aim.AIMBackbone.from_preset(str(out / "merged_backbone"))
     assert not merged.blocks[0].attn.qkv.lora_enabled
+
+
+def test_evaluate_recipe_reproduces_the_classifiers_predictions(release, tmp_path, capsys):
+    import evaluate
+    from PIL import Image
+
+    import keras_aim
+    from tests.tiny_release import NAME
+
+    rng = np.random.RandomState(0)
+    paths = []
+    for label in range(10):
+        folder = tmp_path / "val" / f"class_{label}"
+        folder.mkdir(parents=True)
+        path = folder / "image.png"
+        Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    classifier = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
+    images = np.stack([np.asarray(Image.open(p)) for p in paths])
+    predicted = np.argmax(classifier.predict(images, verbose=0), axis=-1)
+    expected_top1 = float(np.mean(predicted == np.arange(10)))
+
+    top1, top5, count = evaluate.evaluate(classifier, str(tmp_path / "val"))
+    assert count == 10 and top1 == expected_top1 and top5 >= top1
+    assert evaluate.main(["--preset", NAME, "--probe", "last",
+                          "--data", str(tmp_path / "val")]) == 0
+    assert f"top-1 {expected_top1:.2%}" in capsys.readouterr().out
+
+    (tmp_path / "val" / "class_10").mkdir()
+    Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8)).save(
+        tmp_path / "val" / "class_10" / "x.png")
+    assert evaluate.main(["--preset", NAME, "--probe", "last",
+                          "--data", str(tmp_path / "val")]) == 1
+    assert "11 class folders but the classifier predicts 10" in capsys.readouterr().err
