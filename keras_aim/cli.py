@@ -73,6 +73,28 @@ def read_image(path: str):
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
+def read_images(paths):
+    """`(readable paths, RGB arrays, number of failures)`; each unreadable
+    file is reported on stderr and skipped."""
+    names, images, failures = [], [], 0
+    for path in paths:
+        try:
+            images.append(read_image(path))
+            names.append(path)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            failures += 1
+    return names, images, failures
+
+
+def preprocess(converter, images):
+    """Differently sized images -> one `(B, H, W, 3)` batch."""
+    import numpy as np
+    from keras import ops
+
+    return np.stack([ops.convert_to_numpy(converter(image)) for image in images])
+
+
 def class_name(index: int, num_classes: int) -> str:
     if num_classes == 1000:
         from keras_hub.utils import imagenet_id_to_name
@@ -87,14 +109,7 @@ def _classify(args: argparse.Namespace) -> int:
 
     from keras_aim.classifier import AIMImageClassifier
 
-    images, names, failures = [], [], 0
-    for path in args.images:
-        try:
-            images.append(read_image(path))
-            names.append(path)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
+    names, images, failures = read_images(args.images)
     if not images:
         return 1
     options = {"probe_layers": args.probe, "dtype": args.dtype}
@@ -104,10 +119,7 @@ def _classify(args: argparse.Namespace) -> int:
     converter = classifier.preprocessor.image_converter
     top_k = min(args.top_k, classifier.num_classes)
     for start in range(0, len(images), args.batch_size):
-        batch = np.stack([
-            ops.convert_to_numpy(converter(image))
-            for image in images[start : start + args.batch_size]
-        ])
+        batch = preprocess(converter, images[start : start + args.batch_size])
         logits = ops.cast(classifier(batch, training=False), "float32")
         probabilities = ops.convert_to_numpy(ops.softmax(logits, axis=-1))
         for path, probs in zip(names[start : start + args.batch_size], probabilities):
@@ -135,14 +147,7 @@ def _features(args: argparse.Namespace) -> int:
     from keras_aim.classifier import resolve_probe_layers
     from keras_aim.preprocessing import AIMImageConverter
 
-    images, names, failures = [], [], 0
-    for path in args.images:
-        try:
-            images.append(read_image(path))
-            names.append(path)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
+    names, images, failures = read_images(args.images)
     if not images:
         return 1
     backbone = AIMBackbone.from_preset(args.preset, image_shape=(None, None, 3))
@@ -158,10 +163,7 @@ def _features(args: argparse.Namespace) -> int:
     pooling = None if args.pooling == "none" else args.pooling
     features = []
     for start in range(0, len(images), args.batch_size):
-        batch = np.stack([
-            ops.convert_to_numpy(converter(image))
-            for image in images[start : start + args.batch_size]
-        ])
+        batch = preprocess(converter, images[start : start + args.batch_size])
         out = backbone.extract_features(batch, blocks, pooling)
         features.append(ops.convert_to_numpy(ops.cast(out, "float32")))
     staging = args.out + ".tmp.npz"
