@@ -28,6 +28,28 @@ TINY_PROBE_LAYERS = 2
 PARITY_ATOL = 1e-4
 
 
+# torch is imported by tests only in the PyTorch pass: loading torch into a
+# TensorFlow or JAX process (two OpenMP runtimes) is a known source of rare
+# native crashes, and keras_aim itself never needs it there.
+needs_torch_backend = pytest.mark.skipif(
+    keras.config.backend() != "torch",
+    reason="imports torch; runs in the PyTorch pass only",
+)
+
+
+def released_state_dict(*names: str) -> dict:
+    """Released-format fixture files as one dict of NumPy arrays, read with
+    keras_aim's own reader (no torch)."""
+    from keras_aim.conversion import TorchZipReader
+
+    state = {}
+    for name in names:
+        reader = TorchZipReader(fixture_path(name))
+        state.update({k: np.array(reader.array(k)) for k in reader.keys()})
+        reader.close()
+    return state
+
+
 def to_numpy(x) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(x))
 

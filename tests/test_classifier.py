@@ -17,6 +17,7 @@ from tests.conftest import (
     fixture_path,
     make_tiny_backbone,
     make_tiny_classifier,
+    released_state_dict,
     to_numpy,
 )
 
@@ -45,12 +46,7 @@ def test_logits_from_combined_safetensors_file(reference):
 
 
 def test_logits_from_in_memory_dicts(reference):
-    import torch
-
-    state = {}
-    for name in ("backbone.pth", "head.pth"):
-        loaded = torch.load(fixture_path(name), weights_only=True)
-        state.update({k: v.numpy() for k, v in loaded.items()})
+    state = released_state_dict("backbone.pth", "head.pth")
     classifier = make_tiny_classifier()
     keras_aim.load_official_weights(classifier, backbone_file=state)
     np.testing.assert_allclose(

@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 
-import keras_aim
 from keras_aim.lora import lora_parameter_count, merge_lora
 from tests.conftest import make_tiny_backbone, to_numpy
 
