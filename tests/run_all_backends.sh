@@ -11,15 +11,34 @@ python3 -m pip install --quiet --disable-pip-version-check \
   -e ".[jax,test]" "torch==2.13.0" || exit 1
 
 export TF_CPP_MIN_LOG_LEVEL=2
+# glibc writes fatal native errors to the terminal unless told otherwise.
+export LIBC_FATAL_STDERR_=1
+
+# One pass of the suite; a pass killed by a signal (a native crash, exit code
+# >= 128) is reported loudly and run once more. Test failures are not retried.
+run_pass() {
+  local name=$1; shift
+  "$@"
+  local code=$?
+  if ((code >= 128)); then
+    echo "WARNING: the $name pass died from signal $((code - 128)) (a native" \
+         "crash, not a test failure); running it once more"
+    "$@"
+    code=$?
+  fi
+  return $code
+}
+
 failed=()
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend"
-  KERAS_BACKEND=$backend python3 -m pytest -q -m "not multi_device" "$@" \
-    || failed+=("$backend")
+  KERAS_BACKEND=$backend run_pass "$backend" \
+    python3 -m pytest -q -m "not multi_device" "$@" || failed+=("$backend")
 done
 echo "=== multi-device: KERAS_BACKEND=jax, 8 virtual CPU devices"
 KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-  python3 -m pytest -q -m multi_device "$@" || failed+=("multi-device")
+  run_pass multi-device python3 -m pytest -q -m multi_device "$@" \
+  || failed+=("multi-device")
 
 if ((${#failed[@]})); then
   echo "FAILED: ${failed[*]}"
