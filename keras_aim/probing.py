@@ -16,12 +16,18 @@ from keras_aim.layers import AIMAttentionProbe
 
 
 def probe_features(
-    backbone, images, block_indices: Sequence[int], batch_size: int = 256
-) -> np.ndarray:
+    backbone,
+    images,
+    block_indices: Sequence[int],
+    batch_size: int = 256,
+    return_labels: bool = False,
+):
     """Average of the given blocks' outputs (before the final norm), the
     probe's input, for normalized `images` `(n, H, W, C)` (an array or a
-    batched dataset of images) -> `(n, N, D)` float32."""
-    outputs = []
+    batched dataset of images or of (images, labels)) -> `(n, N, D)`
+    float32; with `return_labels`, also the datasets' labels `(n,)`, read
+    in the same pass."""
+    outputs, labels = [], []
     if isinstance(images, np.ndarray):
         if len(images) == 0:
             raise ValueError("No images to extract features from.")
@@ -31,10 +37,16 @@ def probe_features(
 
     for batch in batches:
         if isinstance(batch, (tuple, list)):
-            batch = batch[0]
+            batch, batch_labels = batch[0], batch[1]
+            labels.append(np.asarray(batch_labels))
         features = backbone.extract_features(batch, list(block_indices))
         outputs.append(keras.ops.convert_to_numpy(features).astype("float32"))
-    return np.concatenate(outputs)
+    features = np.concatenate(outputs)
+    if not return_labels:
+        return features
+    if len(labels) != len(outputs):
+        raise ValueError("return_labels needs a dataset of (images, labels) batches.")
+    return features, np.concatenate(labels)
 
 
 def train_attentive_probe(

@@ -24,24 +24,21 @@ def parse_layers(text: str):
 
 
 def load_split(spec: str, image_size: int, seed: int, train: bool):
-    """(normalized image batches, labels array) from a data spec."""
-    import numpy as np
-
+    """Batches of (normalized images, labels) from a data spec."""
     from keras_aim import AIMImageConverter, data
 
     if spec == "digits":
         train_split, test_split = data.digits(16, seed=seed)
         images, labels = train_split if train else test_split
-        return data.classification_dataset(images, labels, 256, image_size, False), labels
+        return data.classification_dataset(images, labels, 256, image_size, False)
     kind, _, path = spec.partition(":")
     if kind != "folder":
         raise ValueError(f"Unknown data {spec!r}: use digits or folder:PATH.")
     ds, _, skipped = data.image_folder(path)
     if skipped:
         print(f"skipped {len(skipped)} unreadable files in {path}")
-    labels = np.array([int(label) for _, label in ds.map(lambda i, l: (0, l))])
     converter = AIMImageConverter(image_size=(image_size, image_size))
-    return ds.map(lambda image, label: converter(image)).batch(64), labels
+    return ds.map(lambda image, label: (converter(image), label)).batch(64)
 
 
 def main(argv=None) -> int:
@@ -61,15 +58,21 @@ def main(argv=None) -> int:
     backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
     layers = resolve_probe_layers(args.probe_layers, backbone)
     image_size = backbone.image_shape[0] or 224
-    train, train_labels = load_split(args.data, image_size, args.seed, train=True)
-    val, val_labels = load_split(args.val or args.data, image_size, args.seed, train=False)
+    train = load_split(args.data, image_size, args.seed, train=True)
+    val = load_split(args.val or args.data, image_size, args.seed, train=False)
+    # One pass over each split: features and labels together.
+    features, train_labels = probing.probe_features(
+        backbone, train, layers, return_labels=True
+    )
+    val_features, val_labels = probing.probe_features(
+        backbone, val, layers, return_labels=True
+    )
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    features = probing.probe_features(backbone, train, layers)
     model = probing.train_attentive_probe(
         features, train_labels, num_classes, backbone.num_heads,
         epochs=args.epochs, seed=args.seed,
     )
-    logits = model.predict(probing.probe_features(backbone, val, layers), verbose=0)
+    logits = model.predict(val_features, verbose=0)
     top1 = probing.topk_accuracy(logits, val_labels, 1)
     top5 = probing.topk_accuracy(logits, val_labels, 5)
     print(f"attentive probe on blocks {layers}: top-1 {top1:.2%}, top-5 "

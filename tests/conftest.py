@@ -37,6 +37,14 @@ needs_torch_backend = pytest.mark.skipif(
 )
 
 
+# Tests that spawn processes for every backend (or are slow and
+# backend-independent) run once, in the JAX pass.
+once_in_jax_pass = pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="spawns its own processes; runs once, in the JAX pass",
+)
+
+
 def released_state_dict(*names: str) -> dict:
     """Released-format fixture files as one dict of NumPy arrays, read with
     keras_aim's own reader (no torch)."""

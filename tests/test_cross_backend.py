@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
+
+from tests.conftest import once_in_jax_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -35,17 +36,10 @@ np.savez(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    keras.config.backend() != "jax",
-    reason="spawns all three backends itself; run once (in the JAX pass)",
-)
+@once_in_jax_pass
 def test_outputs_agree_across_backends(tmp_path):
     results = run_everywhere(SCRIPT, tmp_path)
-    worst = {}
-    for name in results["jax"]:
-        for other in BACKENDS[1:]:
-            diff = np.abs(results["jax"][name] - results[other][name]).max()
-            worst[f"{name} jax-{other}"] = float(diff)
+    worst = worst_differences(results)
     assert max(worst.values()) <= 1e-5, json.dumps(worst, indent=1)
 
 
@@ -70,6 +64,17 @@ np.savez(sys.argv[1], loss=np.array(history.history["loss"][0]), **weights)
 """
 
 
+def worst_differences(results) -> dict[str, float]:
+    """Max |JAX - other| per saved array and other backend."""
+    worst = {}
+    for name in results["jax"]:
+        for other in BACKENDS[1:]:
+            assert name in results[other], f"{other} lacks {name}"
+            diff = np.abs(results["jax"][name] - results[other][name]).max()
+            worst[f"{name} jax-{other}"] = float(diff)
+    return worst
+
+
 def run_everywhere(script, tmp_path):
     results = {}
     for backend in BACKENDS:
@@ -85,19 +90,11 @@ def run_everywhere(script, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    keras.config.backend() != "jax",
-    reason="spawns all three backends itself; run once (in the JAX pass)",
-)
+@once_in_jax_pass
 def test_one_pretraining_step_agrees_across_backends(tmp_path):
     results = run_everywhere(STEP_SCRIPT, tmp_path)
     assert len(results["jax"]) > 40  # loss + every trainable variable
-    worst = {}
-    for name in results["jax"]:
-        for other in BACKENDS[1:]:
-            assert name in results[other], f"{other} lacks {name}"
-            diff = np.abs(results["jax"][name] - results[other][name]).max()
-            worst[f"{name} jax-{other}"] = float(diff)
+    worst = worst_differences(results)
     assert max(worst.values()) <= 1e-4, json.dumps(
         dict(sorted(worst.items(), key=lambda kv: -kv[1])[:10]), indent=1
     )

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
@@ -18,11 +17,10 @@ sys.path[:0] = [str(ROOT / "recipes")]
 import pretrain  # noqa: E402
 from configs import load  # noqa: E402
 
+from tests.conftest import once_in_jax_pass  # noqa: E402
+
 RUN = ["--config", "tiny", "--steps", "40", "--checkpoint-every", "10",
        "--batch-size", "32", "--verbose", "0"]
-only_jax = pytest.mark.skipif(
-    keras.config.backend() != "jax", reason="spawns processes; once is enough"
-)
 
 
 def pretrain_process(workdir, *extra):
@@ -41,7 +39,7 @@ def final_state(workdir):
 
 
 @pytest.mark.slow
-@only_jax
+@once_in_jax_pass
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = pretrain_process(tmp_path / "straight")
     interrupted = pretrain_process(tmp_path / "killed")
@@ -100,7 +98,7 @@ def test_paper_configs_follow_the_spec():
 
 
 @pytest.mark.slow
-@only_jax
+@once_in_jax_pass
 def test_demo_runs_and_writes_its_summary(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
     summary = tmp_path / "summary.json"
@@ -195,3 +193,25 @@ def test_evaluate_recipe_reproduces_the_classifiers_predictions(release, tmp_pat
     assert evaluate.main(["--preset", NAME, "--probe", "last",
                           "--data", str(tmp_path / "val")]) == 1
     assert "11 class folders but the classifier predicts 10" in capsys.readouterr().err
+
+
+def test_attentive_probe_recipe_on_image_folders(tmp_path, capsys):
+    import attentive_probe
+    from PIL import Image
+
+    import keras_aim
+
+    rng = np.random.RandomState(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.randint(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / label / f"{i}.png")
+    keras_aim.AIMBackbone(
+        image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2
+    ).save_to_preset(str(tmp_path / "trunk"))
+    folder = f"folder:{tmp_path / 'images'}"
+    assert attentive_probe.main(["--backbone", str(tmp_path / "trunk"), "--data", folder,
+                                 "--val", folder, "--epochs", "1",
+                                 "--probe-layers", "0,1"]) == 0
+    assert capsys.readouterr().out.strip().endswith("(6 images)")
