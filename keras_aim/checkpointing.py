@@ -1,4 +1,6 @@
-"""Step checkpoints that make an interrupted `fit` resumable exactly.
+"""Checkpoints that make an interrupted `fit` resumable: exact step
+checkpoints for pre-training, and epoch backups for probes and fine-tuning
+(`fit_callbacks`).
 
 A checkpoint is one `.npz` holding every model variable (weights, BatchNorm
 statistics, random-generator states) and every optimizer variable (step
@@ -15,6 +17,8 @@ import re
 
 import keras
 import numpy as np
+
+from keras_aim.atomic_files import atomic_file
 
 _NAME = "ckpt-{step:09d}.npz"
 _PATTERN = re.compile(r"ckpt-(\d{9})\.npz$")
@@ -33,9 +37,8 @@ def save_checkpoint(model, directory: str, keep: int = 2) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, _NAME.format(step=step))
     arrays = {k: keras.ops.convert_to_numpy(v) for k, v in _state(model).items()}
-    staging = path + ".tmp.npz"
-    np.savez(staging, **arrays)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        np.savez(staging, **arrays)
     for old in list_checkpoints(directory)[:-keep]:
         os.remove(old)
     return path
@@ -86,3 +89,37 @@ class StepCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         save_checkpoint(self.model, self.directory, self.keep)
+
+
+def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
+    """Keras callbacks that make a `fit` of whole epochs observable and
+    resumable in `workdir`: TensorBoard logs (`tensorboard/`), a CSV log
+    (`log.csv`) and an end-of-epoch backup of the model and optimizer
+    (`keras.callbacks.BackupAndRestore` in `backup/`, kept in two copies so
+    a kill while writing leaves the previous one; removed when `fit`
+    completes). A backup left by an interrupted run is continued only with
+    `resume=True`, so a run is never resumed or overwritten by accident.
+    No `workdir`: no callbacks.
+    """
+    if workdir is None:
+        if resume:
+            raise ValueError("resume needs the output directory of the run to resume.")
+        return []
+    backup = os.path.join(workdir, "backup")
+    interrupted = os.path.isdir(backup) and bool(os.listdir(backup))
+    if interrupted and not resume:
+        raise ValueError(
+            f"{workdir} holds an interrupted run; pass --resume to continue "
+            "it, or choose another output directory."
+        )
+    if resume and not interrupted:
+        raise ValueError(
+            f"Nothing to resume in {workdir}: it holds no interrupted run "
+            "(runs that finished remove their backup). Drop --resume."
+        )
+    os.makedirs(workdir, exist_ok=True)
+    return [
+        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=resume),
+        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+    ]

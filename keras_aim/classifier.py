@@ -229,3 +229,48 @@ def released_head_kind(entry: dict, probe_layers: ProbeLayers) -> str:
         f"heads: {available or 'none'}. Pass one of them, or num_classes=N "
         "to build a new, untrained probe on other blocks."
     )
+
+
+def head_num_classes(path: str) -> int:
+    """Number of classes of a probe head file: a released-format head
+    (`.pth` / `.safetensors`, `head.linear.weight` of shape `(C, D)`) or a
+    task-weights file written by `save_task_weights` (`.weights.h5`)."""
+    if str(path).endswith(".weights.h5"):
+        import h5py
+
+        with h5py.File(path, "r") as handle:
+            kernels = []
+            handle.visititems(
+                lambda name, item: kernels.append(item.shape[-1])
+                if name.endswith("linear/vars/0") and "probe" in name else None
+            )
+        if len(kernels) != 1:
+            raise ValueError(f"{path} holds no attentive-probe weights.")
+        return int(kernels[0])
+    from keras_aim.conversion import open_state_dict
+
+    state = open_state_dict(path)
+    try:
+        if "head.linear.weight" not in state.keys():
+            raise ValueError(f"{path} holds no released probe head (head.* keys).")
+        return int(state.shape("head.linear.weight")[0])
+    finally:
+        state.close()
+
+
+def load_head(classifier: AIMImageClassifier, path: str) -> None:
+    """Fills `classifier`'s probe from a head file (released format or
+    `.weights.h5`), refusing a class-count mismatch with a clear error."""
+    found = head_num_classes(path)
+    if found != classifier.num_classes:
+        raise ValueError(
+            f"The head {path} predicts {found} classes but the data has "
+            f"{classifier.num_classes}; use the data the head was trained on, "
+            "or train a new probe."
+        )
+    if str(path).endswith(".weights.h5"):
+        classifier.load_task_weights(path)
+    else:
+        from keras_aim.conversion import load_official_weights
+
+        load_official_weights(classifier, head_file=path)

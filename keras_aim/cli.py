@@ -138,11 +138,10 @@ def _positive_int(text: str) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
-    import os
-
     import numpy as np
     from keras import ops
 
+    from keras_aim.atomic_files import atomic_file
     from keras_aim.backbone import AIMBackbone
     from keras_aim.classifier import resolve_probe_layers
     from keras_aim.preprocessing import AIMImageConverter
@@ -166,15 +165,14 @@ def _features(args: argparse.Namespace) -> int:
         batch = preprocess(converter, images[start : start + args.batch_size])
         out = backbone.extract_features(batch, blocks, pooling)
         features.append(ops.convert_to_numpy(ops.cast(out, "float32")))
-    staging = args.out + ".tmp.npz"
-    np.savez(
-        staging,
-        features=np.concatenate(features),
-        paths=np.array(names),
-        blocks=np.array(blocks if blocks is not None else [], "int32"),
-        image_size=np.array(size),
-    )
-    os.replace(staging, args.out)
+    with atomic_file(args.out) as staging:
+        np.savez(
+            staging,
+            features=np.concatenate(features),
+            paths=np.array(names),
+            blocks=np.array(blocks if blocks is not None else [], "int32"),
+            image_size=np.array(size),
+        )
     shape = np.concatenate(features).shape
     print(f"{args.out}: features {shape} for {len(names)} images")
     return 1 if failures else 0

@@ -144,6 +144,12 @@ class _StateDict:
             self._reader.close()
 
 
+def open_state_dict(source: StateDictLike) -> _StateDict:
+    """A released-format state dict (`.pth`, `.safetensors` or a dict),
+    opened lazily: `keys()`, `shape(key)`, `array(key)`, `close()`."""
+    return _StateDict(source)
+
+
 class _SafetensorsReader:
     def __init__(self, handle):
         self._handle = handle

@@ -13,6 +13,8 @@ import tempfile
 
 import keras
 
+from keras_aim.atomic_files import atomic_directory, atomic_file
+
 
 def lora_parameter_count(model) -> int:
     """Trainable parameters of a (LoRA-enabled) model."""
@@ -30,3 +32,42 @@ def merge_lora(backbone):
         backbone.save_weights(path)  # Keras layers save merged kernels
         merged.load_weights(path)
     return merged
+
+
+def save_lora_weights(backbone, path: str) -> None:
+    """`backbone.save_lora_weights(path)` (adapters only, `.lora.h5`),
+    through a temporary file so a crash never leaves a partial file."""
+    with atomic_file(path) as staging:
+        backbone.save_lora_weights(staging)
+
+
+def save_merged_preset(backbone, directory: str) -> None:
+    """Writes `merge_lora(backbone)` as a keras-hub preset folder
+    (complete or not at all; an existing folder is replaced)."""
+    merged = merge_lora(backbone)
+    with atomic_directory(directory, replace=True) as staging:
+        merged.save_to_preset(staging)
+
+
+def fit_lora(
+    classifier,
+    train,
+    epochs: int,
+    steps_per_epoch: int,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.05,
+    callbacks=(),
+    verbose: int = 0,
+):
+    """Fits a classifier whose trunk has adapters (`backbone.enable_lora`:
+    the trunk frozen but its adapters, the probe trainable) on `train`,
+    batches of `(normalized images, labels)`, with AdamW and warmup +
+    cosine. Returns the Keras `History`."""
+    from keras_aim.probing import adamw_warmup_cosine
+
+    if not getattr(classifier.backbone, "_lora_enabled_layers", None):
+        raise ValueError("The trunk has no adapters; call backbone.enable_lora(rank) first.")
+    classifier.compile(
+        optimizer=adamw_warmup_cosine(learning_rate, epochs * steps_per_epoch, weight_decay)
+    )
+    return classifier.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))

@@ -7,12 +7,31 @@ seconds. The trained probe drops into an `AIMImageClassifier`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from typing import Sequence
 
 import keras
 import numpy as np
 
+from keras_aim.atomic_files import atomic_directory, atomic_file
 from keras_aim.layers import AIMAttentionProbe
+
+
+def _feature_batches(backbone, images, block_indices, batch_size):
+    """Yields `(features (b, N, D) float32, labels (b,) or None)` per batch."""
+    if isinstance(images, np.ndarray):
+        if len(images) == 0:
+            raise ValueError("No images to extract features from.")
+        images = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    for batch in images:
+        labels = None
+        if isinstance(batch, (tuple, list)):
+            batch, labels = batch[0], np.asarray(batch[1])
+        features = backbone.extract_features(batch, list(block_indices))
+        yield keras.ops.convert_to_numpy(features).astype("float32"), labels
 
 
 def probe_features(
@@ -28,25 +47,120 @@ def probe_features(
     float32; with `return_labels`, also the datasets' labels `(n,)`, read
     in the same pass."""
     outputs, labels = [], []
-    if isinstance(images, np.ndarray):
-        if len(images) == 0:
-            raise ValueError("No images to extract features from.")
-        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    else:
-        batches = images
-
-    for batch in batches:
-        if isinstance(batch, (tuple, list)):
-            batch, batch_labels = batch[0], batch[1]
-            labels.append(np.asarray(batch_labels))
-        features = backbone.extract_features(batch, list(block_indices))
-        outputs.append(keras.ops.convert_to_numpy(features).astype("float32"))
+    for features, batch_labels in _feature_batches(
+        backbone, images, block_indices, batch_size
+    ):
+        outputs.append(features)
+        if batch_labels is not None:
+            labels.append(batch_labels)
+    if not outputs:
+        raise ValueError("No images to extract features from: the data is empty.")
     features = np.concatenate(outputs)
     if not return_labels:
         return features
     if len(labels) != len(outputs):
         raise ValueError("return_labels needs a dataset of (images, labels) batches.")
     return features, np.concatenate(labels)
+
+
+def trunk_checksum(backbone) -> str:
+    """SHA-256 of a trunk's config and every weight (in order, by path):
+    equal checksums mean the same features."""
+    digest = hashlib.sha256(
+        json.dumps(backbone.get_config(), sort_keys=True, default=str).encode()
+    )
+    for variable in backbone.weights:
+        digest.update(variable.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(variable)).tobytes())
+    return digest.hexdigest()
+
+
+def cached_probe_features(
+    backbone,
+    batches,
+    block_indices: Sequence[int],
+    cache_dir: str,
+    data_fingerprint: str,
+    log=print,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`probe_features(..., return_labels=True)` through an on-disk cache.
+
+    The cache entry is keyed by the SHA-256 of the trunk's weights and
+    config, `data_fingerprint` (which must change whenever the images,
+    labels or their preprocessing do), the blocks and the compute dtype, so
+    a stale entry is never reused. Features are streamed to disk batch by
+    batch and come back memory-mapped `(n, N, D)` float32 (a sweep over a
+    large set does not need them in RAM); labels `(n,)`. An entry is
+    written into a staging folder and renamed when complete; an unreadable
+    entry is rebuilt.
+    """
+    key = hashlib.sha256(
+        "\0".join([
+            f"v{_CACHE_FORMAT}", trunk_checksum(backbone), data_fingerprint,
+            ",".join(str(i) for i in block_indices),
+            str(keras.config.dtype_policy().name),
+        ]).encode()
+    ).hexdigest()
+    entry = os.path.join(cache_dir, f"features-{key[:32]}")
+    if os.path.isdir(entry):
+        try:
+            features, labels = _read_cache_entry(entry, key)
+            log(f"feature cache hit: {entry}")
+            return features, labels
+        except (OSError, ValueError, KeyError) as error:
+            log(f"feature cache entry {entry} is unreadable ({error}); rebuilding it")
+            shutil.rmtree(entry, ignore_errors=True)
+    with atomic_directory(entry) as staging:
+        count, shape, labels = 0, None, []
+        with open(os.path.join(staging, "features.f32"), "wb") as handle:
+            for features, batch_labels in _feature_batches(
+                backbone, batches, block_indices, 256
+            ):
+                if batch_labels is None:
+                    raise ValueError("The feature cache needs (images, labels) batches.")
+                handle.write(features.tobytes())
+                labels.append(batch_labels)
+                count, shape = count + len(features), features.shape[1:]
+        if count == 0:
+            raise ValueError("No images to extract features from: the data is empty.")
+        np.save(os.path.join(staging, "labels.npy"), np.concatenate(labels))
+        meta = {"key": key, "shape": [count, *shape], "data": data_fingerprint,
+                "blocks": list(block_indices)}
+        with open(os.path.join(staging, "meta.json"), "w") as handle:
+            json.dump(meta, handle)
+    log(f"feature cache written: {entry} ({count} images)")
+    return _read_cache_entry(entry, key)
+
+
+_CACHE_FORMAT = 1
+
+
+def _read_cache_entry(entry: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(os.path.join(entry, "meta.json")) as handle:
+        meta = json.load(handle)
+    if meta["key"] != key:
+        raise ValueError("its key does not match")
+    shape = tuple(meta["shape"])
+    path = os.path.join(entry, "features.f32")
+    if os.path.getsize(path) != 4 * int(np.prod(shape)):
+        raise ValueError("features.f32 has the wrong size")
+    labels = np.load(os.path.join(entry, "labels.npy"))
+    if len(labels) != shape[0]:
+        raise ValueError("labels.npy has the wrong length")
+    return np.memmap(path, dtype="float32", mode="r", shape=shape), labels
+
+
+def adamw_warmup_cosine(
+    learning_rate: float, total_steps: int, weight_decay: float = 0.05
+) -> keras.optimizers.AdamW:
+    """AdamW whose rate rises linearly from 0 over the first 10% of
+    `total_steps`, then follows a cosine decay to 0 (probes, LoRA)."""
+    warmup = max(1, total_steps // 10)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total_steps - warmup), warmup_target=learning_rate,
+        warmup_steps=warmup,
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
 
 
 def train_attentive_probe(
@@ -60,10 +174,13 @@ def train_attentive_probe(
     weight_decay: float = 0.05,
     seed: int = 0,
     verbose: int = 0,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> keras.Model:
-    """Trains an `AIMAttentionProbe` on cached features with AdamW and a
-    warmup + cosine schedule. Returns a model mapping `(B, N, D)` features
-    to logits; its layer `probe` fits `AIMImageClassifier.probe`."""
+    """Trains an `AIMAttentionProbe` on features `(n, N, D)` (e.g. from
+    `probe_features`) with AdamW and a warmup + cosine schedule. Returns a
+    model mapping `(B, N, D)` features to logits; its layer `probe` fits
+    `AIMImageClassifier.probe`. `callbacks` go to `fit` (e.g. TensorBoard,
+    `keras.callbacks.BackupAndRestore` to resume)."""
     features = np.asarray(features, "float32")
     labels = np.asarray(labels)
     if len(labels) == 0 or len(features) != len(labels):
@@ -80,17 +197,51 @@ def train_attentive_probe(
     probe = AIMAttentionProbe(features.shape[-1], num_classes, num_heads, name="probe")
     model = keras.Model(inputs, probe(inputs))
     steps = epochs * int(np.ceil(len(labels) / batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, steps - steps // 10), warmup_target=learning_rate,
-        warmup_steps=max(1, steps // 10),
-    )
     model.compile(
-        optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
+        optimizer=adamw_warmup_cosine(learning_rate, steps, weight_decay),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    model.fit(features, labels, batch_size=batch_size, epochs=epochs, verbose=verbose)
+    model.fit(features, labels, batch_size=batch_size, epochs=epochs, verbose=verbose,
+              callbacks=list(callbacks))
     return model
+
+
+def probe_logits(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits `(n, num_classes)` float32 of a probe layer on features
+    `(n, N, D)` (which may be memory-mapped), or of a classifier on images,
+    batch by batch in inference mode."""
+    logits = [
+        keras.ops.convert_to_numpy(
+            keras.ops.cast(model(np.asarray(inputs[i : i + batch_size]), training=False),
+                           "float32")
+        )
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(logits)
+
+
+def classifier_logits(classifier, batches) -> tuple[np.ndarray, np.ndarray]:
+    """`(logits (n, C) float32, labels (n,))` of a classifier over a dataset
+    of `(normalized images, labels)` batches, in inference mode."""
+    logits, labels = [], []
+    for images, batch_labels in batches:
+        logits.append(probe_logits(classifier, np.asarray(images), batch_size=len(images)))
+        labels.append(np.asarray(batch_labels))
+    if not logits:
+        raise ValueError("No images to evaluate on: the data is empty.")
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def save_probe(classifier, directory: str) -> str:
+    """Writes `classifier`'s probe (and nothing of the trunk) to
+    `directory/probe.weights.h5` through a temporary file; returns the
+    path. Load it with `classifier.load_task_weights` or
+    `keras_aim.classifier.load_head`."""
+    path = os.path.join(directory, "probe.weights.h5")
+    with atomic_file(path) as staging:
+        classifier.save_task_weights(staging)
+    return path
 
 
 def top1_accuracy(model: keras.Model, features: np.ndarray, labels: np.ndarray) -> float:

@@ -20,11 +20,10 @@ interrupted run leaves nothing half-written behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import keras
 
+from keras_aim.atomic_files import atomic_directory, atomic_file
 from keras_aim.conversion import load_official_weights
 from keras_aim.download import download_file, verify_sha256
 from keras_aim.memory import limit_heap_fragmentation
@@ -119,7 +118,7 @@ def cached_backbone_preset(
         AIMImageConverter(image_size=tuple(config["image_shape"][:2]))
     )
     target = backbone_cache_dir(name, target_dtype)
-    with _atomic_directory(target) as staging:
+    with atomic_directory(target) as staging:
         backbone.save_to_preset(staging, max_shard_size=SHARD_SIZE_GB)
         preprocessor.save_to_preset(staging)
     del backbone
@@ -146,37 +145,8 @@ def load_released_head(
         return
     source = release_file(name, f"head_{kind}", release_dir, progress)
     load_official_weights(classifier, head_file=source)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    staging = f"{cached[: -len('.weights.h5')]}.tmp{os.getpid()}.weights.h5"
-    try:
+    with atomic_file(cached) as staging:
         classifier.save_task_weights(staging)
-        os.replace(staging, cached)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
-
-
-class _atomic_directory:
-    """Yields a staging directory beside `target`; renames it to `target`
-    on success (keeping an existing `target`), removes it on failure."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.target)
-        os.makedirs(parent, exist_ok=True)
-        self.staging = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent
-        )
-        return self.staging
-
-    def __exit__(self, exc_type, exc, traceback):
-        if exc_type is None and not os.path.exists(self.target):
-            os.rename(self.staging, self.target)
-        else:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        return False
 
 
 def preset_in_release_dir(path) -> str | None:

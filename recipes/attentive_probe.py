@@ -1,11 +1,18 @@
-"""Attentive probe on a frozen AIM trunk; reports top-1 on held-out data.
+"""Attentive probe on a frozen AIM trunk: train one, or evaluate a head.
 
     python recipes/attentive_probe.py --backbone runs/tiny/backbone --data digits
     python recipes/attentive_probe.py --backbone aim_600m --probe-layers best \
-        --data folder:/data/train --val folder:/data/val
+        --data tfds:imagenet2012 --cache-dir /scratch/features --out runs/probe
+    python recipes/attentive_probe.py --backbone aim_7b --evaluate-only \
+        --head best --val folder:/imagenet/val
 
-The trunk runs once over the (non-augmented) images; the probe trains on
-the cached averaged block features (see keras_aim.probing).
+The trunk runs once over each split (evaluation preprocessing); the probe
+trains on the averaged block features with AdamW and warmup + cosine
+(keras_aim.probing). `--cache-dir` keeps the features on disk, keyed by
+checksums of the trunk weights and the data, for sweeps. `--out` keeps the
+probe (`probe.weights.h5`, loadable with `--head`), TensorBoard and CSV logs
+and epoch backups (`--resume` continues an interrupted run). Prints top-1
+and top-5 on the validation split.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
+
 
 def parse_layers(text: str):
     if text in ("last", "best"):
@@ -23,60 +32,161 @@ def parse_layers(text: str):
     return tuple(int(i) for i in text.split(","))
 
 
-def load_split(spec: str, image_size: int, seed: int, train: bool):
-    """Batches of (normalized images, labels) from a data spec."""
-    from keras_aim import AIMImageConverter, data
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the downstream recipes."""
+    parser.add_argument("--backbone", required=True, help="preset name or directory")
+    parser.add_argument("--data", default="digits", help=f"training data: {DATA_HELP}")
+    parser.add_argument("--val", default=None,
+                        help=f"validation data: {DATA_HELP} (default: --data's "
+                             "held-out / validation split)")
+    parser.add_argument("--tfds-data-dir", default=None,
+                        help="where tensorflow-datasets keeps prepared data")
+    parser.add_argument("--probe-layers", type=parse_layers, default="last",
+                        help="last | best | comma-separated block indices")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32",
+                        help="Keras dtype policy, e.g. mixed_bfloat16")
+    parser.add_argument("--out", default=None,
+                        help="directory for weights, logs and epoch backups")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out")
+    parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
 
-    if spec == "digits":
-        train_split, test_split = data.digits(16, seed=seed)
-        images, labels = train_split if train else test_split
-        return data.classification_dataset(images, labels, 256, image_size, False)
-    kind, _, path = spec.partition(":")
-    if kind != "folder":
-        raise ValueError(f"Unknown data {spec!r}: use digits or folder:PATH.")
-    ds, _, skipped = data.image_folder(path)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable files in {path}")
-    converter = AIMImageConverter(image_size=(image_size, image_size))
-    return ds.map(lambda image, label: (converter(image), label)).batch(64)
+
+def start_run(args):
+    """Checks the output directory (before any work) and sets the dtype
+    policy and seed; returns the fit callbacks."""
+    import keras
+
+    from keras_aim.checkpointing import fit_callbacks
+
+    if args.out and not args.resume and os.path.exists(os.path.join(args.out, "probe.weights.h5")):
+        raise ValueError(
+            f"{args.out} holds the results of a finished run; choose another --out."
+        )
+    callbacks = fit_callbacks(args.out, args.resume)
+    keras.config.set_dtype_policy(args.dtype)
+    keras.utils.set_random_seed(args.seed)
+    return callbacks
+
+
+def splits(args, image_size: int, train: bool = True):
+    """(train, val) `LabeledImages` for the --data / --val specs."""
+    from keras_aim.data.sources import labeled_images
+
+    def load(spec, split):
+        return labeled_images(spec, split, args.seed, image_size, args.tfds_data_dir)
+
+    train_set = load(args.data, "train") if train else None
+    val_set = load(args.val or args.data, "val")
+    if train_set is not None and train_set.num_classes != val_set.num_classes:
+        raise ValueError(
+            f"{train_set.description} has {train_set.num_classes} classes but "
+            f"{val_set.description} has {val_set.num_classes}; use matching splits."
+        )
+    return train_set, val_set
+
+
+def features(backbone, images, layers, image_size: int, cache_dir: str | None):
+    """Probe features and labels of a `LabeledImages` (cached if asked)."""
+    from keras_aim import data, probing
+
+    batches = data.classification_dataset(
+        images.images, images.labels, 256, image_size, training=False,
+        num_classes=images.num_classes,
+    )
+    if cache_dir:
+        fingerprint = f"{images.fingerprint}|eval-preprocessing:{image_size}"
+        return probing.cached_probe_features(
+            backbone, batches, layers, cache_dir, fingerprint
+        )
+    return probing.probe_features(backbone, batches, layers, return_labels=True)
+
+
+def classifier_with_head(args):
+    """The classifier whose head `--evaluate-only` evaluates."""
+    import keras_aim
+    from keras_aim.classifier import head_num_classes, load_head
+
+    if args.head in ("best", "last"):
+        return keras_aim.AIMImageClassifier.from_preset(args.backbone, probe_layers=args.head)
+    backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
+    classifier = keras_aim.AIMImageClassifier(
+        backbone, head_num_classes(args.head), args.probe_layers
+    )
+    load_head(classifier, args.head)
+    return classifier
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", required=True, help="preset name or directory")
-    parser.add_argument("--data", default="digits", help="digits | folder:PATH")
-    parser.add_argument("--val", default=None, help="folder:PATH (digits: held-out split)")
-    parser.add_argument("--probe-layers", type=parse_layers, default="last")
+    add_run_arguments(parser)
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="on-disk feature cache")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate --head on --val instead of training")
+    parser.add_argument("--head", default=None,
+                        help="best | last (a preset's released head) or a head "
+                             "file (.pth, .safetensors, .weights.h5)")
     args = parser.parse_args(argv)
+    if args.evaluate_only != (args.head is not None):
+        parser.error("--evaluate-only and --head go together")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
+
+def run(args) -> int:
     import keras_aim
     from keras_aim import probing
-    from keras_aim.classifier import resolve_probe_layers
 
-    backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
-    layers = resolve_probe_layers(args.probe_layers, backbone)
-    image_size = backbone.image_shape[0] or 224
-    train = load_split(args.data, image_size, args.seed, train=True)
-    val = load_split(args.val or args.data, image_size, args.seed, train=False)
-    # One pass over each split: features and labels together.
-    features, train_labels = probing.probe_features(
-        backbone, train, layers, return_labels=True
-    )
-    val_features, val_labels = probing.probe_features(
-        backbone, val, layers, return_labels=True
-    )
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    model = probing.train_attentive_probe(
-        features, train_labels, num_classes, backbone.num_heads,
-        epochs=args.epochs, seed=args.seed,
-    )
-    logits = model.predict(val_features, verbose=0)
+    callbacks = start_run(args)
+    if args.evaluate_only:
+        classifier = classifier_with_head(args)
+        backbone = classifier.backbone
+        image_size = backbone.image_shape[0] or 224
+        _, val_set = splits(args, image_size, train=False)
+        if classifier.num_classes != val_set.num_classes:
+            raise ValueError(
+                f"The head {args.head} predicts {classifier.num_classes} classes "
+                f"but {val_set.description} has {val_set.num_classes}; evaluate "
+                "it on the data it was trained on."
+            )
+    else:
+        backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
+        image_size = backbone.image_shape[0] or 224
+        train_set, val_set = splits(args, image_size)
+        classifier = keras_aim.AIMImageClassifier(
+            backbone, val_set.num_classes, args.probe_layers
+        )
+    layers = classifier.probe_layers
+    val_features, val_labels = features(backbone, val_set, layers, image_size, args.cache_dir)
+
+    if not args.evaluate_only:
+        train_features, train_labels = features(
+            backbone, train_set, layers, image_size, args.cache_dir
+        )
+        model = probing.train_attentive_probe(
+            train_features, train_labels, classifier.num_classes, backbone.num_heads,
+            epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, seed=args.seed,
+            verbose=args.verbose, callbacks=callbacks,
+        )
+        classifier.probe.set_weights(model.get_layer("probe").get_weights())
+        if args.out:
+            path = probing.save_probe(classifier, args.out)
+            print(f"probe saved: {path} (evaluate it with --evaluate-only --head {path})")
+
+    logits = probing.probe_logits(classifier.probe, val_features)
     top1 = probing.topk_accuracy(logits, val_labels, 1)
     top5 = probing.topk_accuracy(logits, val_labels, 5)
-    print(f"attentive probe on blocks {layers}: top-1 {top1:.2%}, top-5 "
-          f"{top5:.2%} ({len(val_labels)} images)")
+    what = f"head {args.head}" if args.evaluate_only else "attentive probe"
+    print(f"{what} on blocks {layers}: top-1 {top1:.2%}, top-5 {top5:.2%} "
+          f"({len(val_labels)} images)")
     return 0
 
 

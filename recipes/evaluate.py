@@ -20,11 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def evaluate(classifier, directory: str, batch_size: int = 64, limit: int | None = None):
     """(top-1, top-5, number of images) of `classifier` on a class folder."""
-    import numpy as np
-    from keras import ops
-
     from keras_aim import data
-    from keras_aim.probing import topk_accuracy
+    from keras_aim.probing import classifier_logits, topk_accuracy
 
     ds, classes, skipped = data.image_folder(directory)
     if len(classes) != classifier.num_classes:
@@ -39,12 +36,7 @@ def evaluate(classifier, directory: str, batch_size: int = 64, limit: int | None
         ds = ds.take(limit)
     converter = classifier.preprocessor.image_converter
     ds = ds.map(lambda image, label: (converter(image), label)).batch(batch_size)
-    logits, labels = [], []
-    for images, batch_labels in ds:
-        logits.append(ops.convert_to_numpy(
-            ops.cast(classifier(images.numpy(), training=False), "float32")))
-        labels.append(batch_labels.numpy())
-    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    logits, labels = classifier_logits(classifier, ds)
     return topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5), len(labels)
 
 

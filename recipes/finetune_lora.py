@@ -1,12 +1,17 @@
 """LoRA fine-tuning of an AIM trunk with its attentive probe (paper Table 8).
 
     python recipes/finetune_lora.py --backbone runs/tiny/backbone --data digits --out runs/lora
+    python recipes/finetune_lora.py --backbone aim_600m --probe-layers best \
+        --data tfds:imagenet2012 --dtype mixed_bfloat16 --out runs/lora_600m
 
 Rank-r adapters on the q and v parts of every fused qkv and on the attention
 output projection (as in Apple's release), the probe trainable, everything
-else frozen. Saves only the adapters (`adapters.lora.h5`) and the probe
-(`probe.weights.h5`); `--merge` also writes a plain keras-hub preset of the
-trunk with the adapters folded in (`merged_backbone/`).
+else frozen. `--out` receives only the adapters (`adapters.lora.h5`) and the
+probe (`probe.weights.h5`), TensorBoard and CSV logs and epoch backups
+(`--resume` continues an interrupted run); `--merge` also writes a plain
+keras-hub preset of the trunk with the adapters folded in
+(`merged_backbone/`). `--init-probe` starts the probe from a trained one
+(e.g. the attentive-probe recipe's `probe.weights.h5`).
 """
 
 from __future__ import annotations
@@ -18,64 +23,88 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from attentive_probe import parse_layers  # noqa: E402
+from attentive_probe import add_run_arguments, splits, start_run  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", required=True, help="preset name or directory")
-    parser.add_argument("--data", default="digits", choices=["digits"])
-    parser.add_argument("--out", required=True)
+    add_run_arguments(parser)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--probe-layers", type=parse_layers, default="last")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", action="store_true")
+    parser.add_argument("--init-probe", default=None, help="probe weights to start from")
     args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error("--out is required (adapters and probe are saved there)")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
-    import keras
 
+def run(args) -> int:
     import keras_aim
-    from keras_aim import data
-    from keras_aim.lora import lora_parameter_count, merge_lora
+    from keras_aim import data, probing
+    from keras_aim.classifier import load_head
+    from keras_aim.lora import (
+        fit_lora,
+        lora_parameter_count,
+        save_lora_weights,
+        save_merged_preset,
+    )
 
-    keras.utils.set_random_seed(args.seed)
+    callbacks = start_run(args)
     backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
-    size = backbone.image_shape[0]
-    (x_train, y_train), (x_test, y_test) = data.digits(16, seed=args.seed)
-    if size != 16:
-        raise SystemExit(f"error: the digits are 16x16; this trunk takes {size}x{size}.")
-    classifier = keras_aim.AIMImageClassifier(backbone, 10, args.probe_layers)
+    size = backbone.image_shape[0] or 224
+    train_set, val_set = splits(args, size)
+    classifier = keras_aim.AIMImageClassifier(
+        backbone, val_set.num_classes, args.probe_layers
+    )
+    if args.init_probe:
+        load_head(classifier, args.init_probe)
+    # Digits are already at the trunk's size: small shifts; other data: AIM's
+    # random resized crops.
+    augmentation = "shift" if args.data == "digits" else "aim"
+    train = data.classification_dataset(
+        train_set.images, train_set.labels, args.batch_size, size, training=True,
+        augmentation=augmentation, seed=args.seed, num_classes=train_set.num_classes,
+    )
+    val = data.classification_dataset(
+        val_set.images, val_set.labels, 256, size, training=False,
+        num_classes=val_set.num_classes,
+    )
     trunk_params = backbone.count_params()
     backbone.enable_lora(args.rank)
     adapters = lora_parameter_count(backbone)
     print(f"trainable: {lora_parameter_count(classifier):,} parameters "
           f"(adapters {adapters:,} = {adapters / trunk_params:.2%} of the trunk, "
-          f"plus the probe)")
-    train = data.classification_dataset(
-        x_train, y_train, args.batch_size, size, training=True,
-        augmentation="shift", seed=args.seed, num_classes=10,
-    )
-    test = data.classification_dataset(x_test, y_test, 256, size, training=False)
-    steps = args.epochs * len(train)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, max(1, steps - steps // 10), warmup_target=args.learning_rate,
-        warmup_steps=max(1, steps // 10),
-    )
-    classifier.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.05))
-    classifier.fit(train, epochs=args.epochs, verbose=2)
-    _, accuracy = classifier.evaluate(test, verbose=0)
-    print(f"LoRA r={args.rank} fine-tuned probe: top-1 {accuracy:.2%}")
+          "plus the probe)")
+    steps = _batches_per_epoch(train_set, args.batch_size)
+    fit_lora(classifier, train, args.epochs, steps, args.learning_rate,
+             callbacks=callbacks, verbose=args.verbose)
 
-    os.makedirs(args.out, exist_ok=True)
-    backbone.save_lora_weights(os.path.join(args.out, "adapters.lora.h5"))
-    classifier.save_task_weights(os.path.join(args.out, "probe.weights.h5"))
+    logits, labels = probing.classifier_logits(classifier, val)
+    top1 = probing.topk_accuracy(logits, labels, 1)
+    top5 = probing.topk_accuracy(logits, labels, 5)
+    print(f"LoRA r={args.rank} fine-tuned probe: top-1 {top1:.2%}, top-5 {top5:.2%} "
+          f"({len(labels)} images)")
+
+    save_lora_weights(backbone, os.path.join(args.out, "adapters.lora.h5"))
+    probing.save_probe(classifier, args.out)
     if args.merge:
-        merge_lora(backbone).save_to_preset(os.path.join(args.out, "merged_backbone"))
+        save_merged_preset(backbone, os.path.join(args.out, "merged_backbone"))
     print(f"saved to {args.out}")
     return 0
+
+
+def _batches_per_epoch(images, batch_size: int) -> int:
+    if images.labels is not None:
+        return -(-len(images.labels) // batch_size)
+    count = int(images.images.cardinality())
+    if count < 0:  # unknown: count once
+        count = sum(1 for _ in images.images)
+    return -(-count // batch_size)
 
 
 if __name__ == "__main__":

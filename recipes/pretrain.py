@@ -71,23 +71,13 @@ def device_count() -> int:
 
 
 def image_source(spec: str, seed: int):
-    """uint8 images from a data spec (see --data)."""
-    from keras_aim import data
+    """uint8 images from a data spec (see --data): an array or a dataset."""
+    from keras_aim.data.sources import labeled_images
 
-    if spec == "digits":
-        (x_train, _), _ = data.digits(16, seed=seed)
-        return x_train
-    kind, _, rest = spec.partition(":")
-    if kind == "tfds":
-        name, _, split = rest.partition(":")
-        ds, _ = data.tfds_images(name, split or "train")
-        return ds.map(lambda image, label: image)
-    if kind == "folder":
-        ds, _, skipped = data.image_folder(rest)
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image files in {rest}")
-        return ds.map(lambda image, label: image)
-    raise ValueError(f"Unknown data {spec!r}: use digits, tfds:NAME or folder:PATH.")
+    images = labeled_images(spec, "train", seed)
+    if images.labels is not None:
+        return images.images
+    return images.images.map(lambda image, label: image)
 
 
 def main(argv=None) -> int:

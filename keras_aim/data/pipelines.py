@@ -147,27 +147,36 @@ def classification_dataset(
     seed: int = 0,
     max_shift: int = 2,
     num_classes: int | None = None,
+    shuffle_buffer: int = 10_000,
 ) -> tf.data.Dataset:
     """(normalized images, labels) batches for probes and fine-tuning.
 
+    `images`: uint8 `(n, H, W, 3)` with `labels` `(n,)`, or (with
+    `labels=None`) a dataset of `(uint8 image, label)` pairs of any sizes.
     Training: shuffled and augmented, one pass per epoch. Evaluation: the
-    evaluation transform, in order. Raises before any training if the data
-    is empty or a label is outside `[0, num_classes)`.
+    evaluation transform, in order. For arrays, raises before any training
+    if the data is empty or a label is outside `[0, num_classes)`.
     """
-    labels = np.asarray(labels)
-    if len(labels) == 0:
-        raise ValueError("The dataset is empty: no images to train or evaluate on.")
-    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"Labels must be in [0, {num_classes}); found {labels.min()}.."
-            f"{labels.max()}. Check the data or the head's num_classes."
+    if labels is None:
+        if not isinstance(images, tf.data.Dataset):
+            raise ValueError("labels=None needs a dataset of (image, label) pairs.")
+        source, buffer = images, shuffle_buffer
+    else:
+        labels = np.asarray(labels)
+        if len(labels) == 0:
+            raise ValueError("The dataset is empty: no images to train or evaluate on.")
+        if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"Labels must be in [0, {num_classes}); found {labels.min()}.."
+                f"{labels.max()}. Check the data or the head's num_classes."
+            )
+        source = tf.data.Dataset.zip(
+            (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
         )
-    source = tf.data.Dataset.zip(
-        (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
-    )
+        buffer = len(labels)
     augment = _augment_fn(augmentation if training else "none", image_size, seed, max_shift)
     if training:
-        source = source.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        source = source.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = source.enumerate().map(
         lambda i, pair: (augment(i, pair[0]), pair[1]),
         num_parallel_calls=tf.data.AUTOTUNE,
