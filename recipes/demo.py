@@ -7,7 +7,9 @@ LoRA fine-tuning of the pre-trained trunk from its probe.
 
 Prints the loss curve, the probe and LoRA accuracies, a raw-pixel logistic
 regression baseline for context and the wall time; saves the loss curve as
-a PNG next to the summary (or in the working directory).
+a PNG next to the summary (or in the working directory) and, with
+--summary, the pre-trained trunk as a keras-hub preset in `backbone/` beside
+it (input for recipes/attentive_probe.py and recipes/finetune_lora.py).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ CONFIG = dict(
     probe_layers=(1, 2, 3),
     probe_epochs=60,
     lora_rank=8,
-    lora_epochs=15,
-    lora_learning_rate=5e-4,
+    lora_epochs=10,
+    lora_learning_rate=1e-4,
     log_every=25,
 )
 
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
 
     import keras_aim
     from keras_aim import data, probing
+    from keras_aim.atomic_files import atomic_directory
     from keras_aim.lora import fit_lora
 
     start = time.perf_counter()
@@ -79,6 +82,10 @@ def main(argv=None) -> int:
     )
     curve = history.history["loss"]
     pretrain_seconds = time.perf_counter() - start
+    if args.summary:  # the trunk, for the probe / LoRA recipes
+        trunk = os.path.join(os.path.dirname(os.path.abspath(args.summary)), "backbone")
+        with atomic_directory(trunk, replace=True) as staging:
+            pretrainer.backbone.save_to_preset(staging)
 
     # Attentive probes on frozen trunks: pre-trained vs random.
     test = data.classification_dataset(x_test, y_test, 256, c["image_size"], training=False)
@@ -104,8 +111,9 @@ def main(argv=None) -> int:
     classifier = keras_aim.AIMImageClassifier(pretrainer.backbone, 10, c["probe_layers"])
     classifier.probe.set_weights(trained_probe.get_layer("probe").get_weights())
     classifier.backbone.enable_lora(c["lora_rank"])
+    # The probe's own (evaluation) preprocessing, reshuffled every epoch.
     train = data.classification_dataset(
-        x_train, y_train, 64, c["image_size"], training=True, augmentation="shift",
+        x_train, y_train, 64, c["image_size"], training=True, augmentation="none",
         seed=args.seed,
     )
     fit_lora(classifier, train, c["lora_epochs"], len(train), c["lora_learning_rate"])
@@ -141,7 +149,7 @@ def main(argv=None) -> int:
     print(f"loss curve: {plot}")
     if args.summary:
         _write_json(args.summary, summary)
-        print(f"summary: {args.summary}")
+        print(f"summary: {args.summary}; pre-trained trunk: {trunk}")
     return 0
 
 

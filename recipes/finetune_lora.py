@@ -29,10 +29,14 @@ from attentive_probe import add_run_arguments, splits, start_run  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
+    parser.set_defaults(learning_rate=1e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--init-probe", default=None, help="probe weights to start from")
+    parser.add_argument("--augmentation", choices=("aim", "shift", "none"), default=None,
+                        help="training augmentation (default: aim; none for digits, "
+                             "whose probes see the evaluation transform)")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out is required (adapters and probe are saved there)")
@@ -63,9 +67,7 @@ def run(args) -> int:
     )
     if args.init_probe:
         load_head(classifier, args.init_probe)
-    # Digits are already at the trunk's size: small shifts; other data: AIM's
-    # random resized crops.
-    augmentation = "shift" if args.data == "digits" else "aim"
+    augmentation = args.augmentation or ("none" if args.data == "digits" else "aim")
     train = data.classification_dataset(
         train_set.images, train_set.labels, args.batch_size, size, training=True,
         augmentation=augmentation, seed=args.seed, num_classes=train_set.num_classes,
