@@ -6,7 +6,8 @@ signatures, the evaluation preprocessing inside the graph:
 
 - `serving_default`: `images` uint8 `(B, H, W, 3)`, any H and W.
 - `predict_images`: `image_bytes` string `(B,)`, encoded JPEG/PNG/GIF/BMP
-  (what TF Serving's REST API receives as `{"b64": ...}`).
+  (what TF Serving's REST API receives as `{"b64": ...}`); JPEGs are decoded
+  with the accurate IDCT, giving the same pixels as PIL.
 - `predict_preprocessed`: `images` float32 `(B, h, w, 3)`, already
   resized, cropped and normalized (h, w: the model's crop).
 
@@ -76,20 +77,9 @@ def export_saved_model(
     versions untouched and no partial version behind.
     """
     _check_exportable(model, top_k)
+    version = resolve_version(export_dir, version, overwrite)
     base = Path(export_dir)
-    if base.exists() and not base.is_dir():
-        raise NotADirectoryError(
-            f"export_dir {str(base)!r} is a file; pass a directory (TF "
-            "Serving's model base path)."
-        )
-    version = next_version(base) if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(
-            f"version must be a positive int (TF Serving's version folder); "
-            f"received {version!r}."
-        )
     target = base / str(version)
-    _refuse_existing(target, overwrite)
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
     try:
@@ -106,6 +96,28 @@ def export_saved_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return str(target)
+
+
+def resolve_version(
+    export_dir: str | os.PathLike, version: int | None, overwrite: bool = False
+) -> int:
+    """The version to write (`next_version` when `None`); raises if
+    `export_dir` is a file, the version is not a positive int, or it exists
+    and `overwrite` is off."""
+    base = Path(export_dir)
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(
+            f"export_dir {str(base)!r} is a file; pass a directory (TF "
+            "Serving's model base path)."
+        )
+    version = next_version(base) if version is None else version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"version must be a positive int (TF Serving's version folder); "
+            f"received {version!r}."
+        )
+    _refuse_existing(base / str(version), overwrite)
+    return version
 
 
 def next_version(export_dir: str | os.PathLike) -> int:
@@ -237,7 +249,13 @@ def write_saved_model(
     )
     def serve_image_bytes(image_bytes):
         def decode_and_preprocess(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            # JPEG with the accurate IDCT: the same pixels as PIL (what
+            # `keras-aim classify` and the released evaluation read with).
+            image = tf.cond(
+                tf.io.is_jpeg(data),
+                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+            )
             image.set_shape((None, None, 3))
             return converter(image)
 
