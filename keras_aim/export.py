@@ -217,9 +217,13 @@ def write_saved_model(
     converter = serving_converter(model, image_size)
     height, width = converter.image_size
     archive = keras.export.ExportArchive()
-    archive.track(model)
     backend_kwargs = {}
     if backend == "jax":
+        # jax2tf binds the tracked variables. On TensorFlow the endpoints
+        # find their variables themselves; tracking the model there would
+        # store every weight twice (Keras variables + the tf.Variables the
+        # functions use): a 2x larger SavedModel.
+        archive.track(model)
         backend_kwargs["jax2tf_kwargs"] = {
             "native_serialization_platforms": JAX_SERVING_PLATFORMS
         }
@@ -299,9 +303,15 @@ def _write_in_tensorflow_process(model, path, top_k, image_size) -> None:
             text=True,
         )
     if result.returncode != 0:
+        how = f"exited with status {result.returncode}"
+        if result.returncode < 0:
+            how = (
+                f"was killed by signal {-result.returncode} (out of memory? "
+                "it holds about 2-3x the weights besides this process)"
+            )
         raise RuntimeError(
-            "The TensorFlow-backend export process failed (PyTorch models are "
-            "exported through TensorFlow):\n" + result.stderr[-4000:]
+            f"The TensorFlow-backend export process {how}; PyTorch models are "
+            "exported through TensorFlow. Its output:\n" + result.stderr[-4000:]
         )
 
 

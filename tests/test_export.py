@@ -63,6 +63,11 @@ def test_layout_is_tf_serving_version_folders(exports):
         assert (path / "saved_model.pb").is_file()
         assert (path / "variables").is_dir()
         assert sorted(p.name for p in path.parent.iterdir()) == ["1"]  # no leftovers
+        # Every weight stored once (float32 here).
+        model = exports[key.replace("_dir", "")]
+        weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+        stored = sum(f.stat().st_size for f in (path / "variables").iterdir())
+        assert weight_bytes <= stored < 1.05 * weight_bytes
 
 
 @pytest.mark.slow
@@ -126,29 +131,47 @@ def signature_block(listing: str, name: str) -> str:
 
 @pytest.mark.slow
 def test_saved_model_cli_lists_documented_signatures(exports):
-    for key, outputs in (
-        ("classifier_dir", aim_export.CLASSIFIER_OUTPUTS),
-        ("backbone_dir", aim_export.BACKBONE_OUTPUTS),
-    ):
-        listing = signature_listing(exports[key])
-        blocks = {name: signature_block(listing, name) for name in aim_export.SIGNATURES}
-        assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, -1, -1, 3)" in blocks["serving_default"]
-        assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in blocks["predict_images"]
-        assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 32, 32, 3)" in blocks["predict_preprocessed"]
-        for block in blocks.values():
-            for output in outputs:
-                assert f"outputs['{output}'] tensor_info:" in block
-        top_k = "(-1, 5)" if key == "classifier_dir" else None
-        if top_k:
-            assert f"outputs['top_k_indices'] tensor_info:\n        dtype: DT_INT32\n        shape: {top_k}" in blocks["serving_default"]
+    listing = signature_listing(exports["classifier_dir"])
+    blocks = {name: signature_block(listing, name) for name in aim_export.SIGNATURES}
+    assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, -1, -1, 3)" in blocks["serving_default"]
+    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in blocks["predict_images"]
+    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 32, 32, 3)" in blocks["predict_preprocessed"]
+    for block in blocks.values():
+        for output in aim_export.CLASSIFIER_OUTPUTS:
+            assert f"outputs['{output}'] tensor_info:" in block
+    assert "outputs['top_k_indices'] tensor_info:\n        dtype: DT_INT32\n        shape: (-1, 5)" in blocks["serving_default"]
+
+
+def saved_model_proto(model_dir):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(model_dir) / "saved_model.pb").read_bytes())
+    return proto
+
+
+def test_backbone_signatures(exports):
+    """The same signature defs saved_model_cli prints, read from the proto
+    (one saved_model_cli process per backend pass is enough)."""
+    signatures = saved_model_proto(exports["backbone_dir"]).meta_graphs[0].signature_def
+    assert set(signatures) >= set(aim_export.SIGNATURES)
+    for name, (input_name, dims) in {
+        "serving_default": ("images", [-1, -1, -1, 3]),
+        "predict_images": ("image_bytes", [-1]),
+        "predict_preprocessed": ("images", [-1, 32, 32, 3]),
+    }.items():
+        (key,) = signatures[name].inputs
+        assert key == input_name
+        assert [d.size for d in signatures[name].inputs[key].tensor_shape.dim] == dims
+        outputs = signatures[name].outputs
+        assert sorted(outputs) == sorted(aim_export.BACKBONE_OUTPUTS)
+        assert [d.size for d in outputs["tokens"].tensor_shape.dim] == [-1, 16, 64]
+        assert [d.size for d in outputs["embedding"].tensor_shape.dim] == [-1, 64]
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax2tf export only")
 def test_jax_export_serves_on_cpu_and_cuda(exports):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(exports["classifier_dir"]) / "saved_model.pb").read_bytes())
+    proto = saved_model_proto(exports["classifier_dir"])
     platforms = {
         tuple(node.attr["platforms"].list.s)
         for function in proto.meta_graphs[0].graph_def.library.function
@@ -256,9 +279,9 @@ def test_bad_arguments_are_named(exports, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    BACKEND == "torch",
-    reason="PyTorch export is covered by the module fixture; this would spawn "
-    "another TensorFlow process",
+    BACKEND != "tensorflow",
+    reason="the REST helper and the CLI are backend-independent TF code; the "
+    "other passes export through the module fixture",
 )
 def test_rest_body_gives_the_same_top_k_as_classify(release, tmp_path, capsys):
     from tests.test_cli import write_images
