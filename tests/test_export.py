@@ -63,11 +63,12 @@ def test_layout_is_tf_serving_version_folders(exports):
         assert (path / "saved_model.pb").is_file()
         assert (path / "variables").is_dir()
         assert sorted(p.name for p in path.parent.iterdir()) == ["1"]  # no leftovers
-        # Every weight stored once (float32 here).
+        # Every weight stored once (float32 here; TensorFlow leaves out the
+        # few the graph does not use, e.g. the classifier's unused final norm).
         model = exports[key.replace("_dir", "")]
         weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
         stored = sum(f.stat().st_size for f in (path / "variables").iterdir())
-        assert weight_bytes <= stored < 1.05 * weight_bytes
+        assert 0.95 * weight_bytes <= stored < 1.05 * weight_bytes
 
 
 @pytest.mark.slow
