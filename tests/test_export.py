@@ -310,3 +310,9 @@ def test_rest_body_gives_the_same_top_k_as_classify(release, tmp_path, capsys):
         )
     with pytest.raises(ValueError, match='"instances"'):
         aim_export.predict_rest_body(str(out / "1"), {"instances": [[1, 2]]})
+
+    # The trunk of the same preset, as the next version.
+    assert cli.main(["export", "--preset", NAME, "--backbone", "--out", str(out)]) == 0
+    response = aim_export.predict_rest_body(str(out / "2"), body)
+    assert sorted(response["predictions"][0]) == ["embedding", "tokens"]
+    assert np.array(response["predictions"][1]["tokens"]).shape == (16, 64)
