@@ -88,8 +88,13 @@ def export_saved_model(
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{version}.replaced-", dir=base))
             os.replace(target, retired / "old")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / "old", target)  # put the old one back
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
     except BaseException:

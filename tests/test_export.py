@@ -255,6 +255,20 @@ def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch)
         Path(path, "saved_model.pb").write_bytes(b"version one, again")
 
     monkeypatch.setattr(aim_export, "write_saved_model", succeed)
+    # The swap itself fails: the old version is put back.
+    real_replace = os.replace
+
+    def failing_swap(source, destination):
+        if ".partial-" in str(source):
+            raise OSError("rename failed")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OSError, match="rename failed"):
+        aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"version one"
+    monkeypatch.setattr(os, "replace", real_replace)
     aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
     assert sorted(p.name for p in base.iterdir()) == ["1"]
     assert (base / "1" / "saved_model.pb").read_bytes() == b"version one, again"
