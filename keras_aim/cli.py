@@ -1,4 +1,4 @@
-"""The `keras-aim` command line: info, download, classify, features."""
+"""The `keras-aim` command line: info, download, classify, features, export."""
 
 from __future__ import annotations
 
@@ -178,6 +178,44 @@ def _features(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from keras_aim.export import export_saved_model, resolve_version
+
+    try:  # before loading a possibly large model
+        version = resolve_version(args.out, args.version, args.overwrite)
+    except (FileExistsError, NotADirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.model is not None:
+        import keras
+
+        model = keras.saving.load_model(args.model, compile=False)
+    elif args.backbone:
+        from keras_aim.backbone import AIMBackbone
+
+        model = AIMBackbone.from_preset(args.preset)
+    else:
+        from keras_aim.classifier import AIMImageClassifier
+
+        options = {"probe_layers": args.probe} if args.probe else {}
+        model = AIMImageClassifier.from_preset(args.preset, **options)
+    try:
+        path = export_saved_model(
+            model,
+            args.out,
+            version=version,
+            overwrite=args.overwrite,
+            top_k=args.top_k,
+            image_size=args.image_size,
+        )
+    except (FileExistsError, NotADirectoryError, TypeError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{path}: SavedModel with signatures serving_default, predict_images, "
+          "predict_preprocessed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keras_aim.version import __version__
 
@@ -247,6 +285,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     features.add_argument("--batch-size", type=_positive_int, default=8)
     features.set_defaults(handler=_features)
+
+    export = commands.add_parser(
+        "export", help="write a SavedModel for TensorFlow Serving"
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--preset", help="preset name, released-files directory or preset directory"
+    )
+    source.add_argument("--model", help="a .keras file (AIMImageClassifier or AIMBackbone)")
+    export.add_argument("--out", required=True, help="TF Serving model base path")
+    export.add_argument(
+        "--version", type=_positive_int, default=None,
+        help="version folder (default: one more than the highest present)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing version"
+    )
+    export.add_argument(
+        "--backbone", action="store_true",
+        help="export the preset's trunk (embedding, tokens) instead of the classifier",
+    )
+    export.add_argument(
+        "--probe", choices=HEAD_KINDS, default=None,
+        help="released head of the classifier (default: best)",
+    )
+    export.add_argument("--top-k", type=_positive_int, default=5)
+    export.add_argument(
+        "--image-size", type=_positive_int, default=None,
+        help="crop side for trunks built for any size (default 224)",
+    )
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -11,6 +11,17 @@ def nearest_valid_sizes(size: int, patch_size: int) -> list[int]:
     return [s for s in (lower, lower + patch_size) if s > 0]
 
 
+def _static_size(size):
+    """An int, or `None` for unknown sizes: `None` or symbolic (JAX shape
+    polymorphism while exporting, where the batch size is a variable)."""
+    if size is None:
+        return None
+    try:
+        return int(size)
+    except Exception:  # jax's InconclusiveDimensionOperation
+        return None
+
+
 def check_image_shape(
     shape: Sequence,
     patch_size: int,
@@ -19,7 +30,7 @@ def check_image_shape(
 ) -> None:
     """Raises `ValueError` unless `shape` is `(batch, H, W, num_channels)` with
     H and W multiples of `patch_size`. Unknown (`None`) sizes are accepted."""
-    shape = tuple(None if d is None else int(d) for d in shape)
+    shape = tuple(_static_size(d) for d in shape)
     expected = f"(batch, height, width, {num_channels})"
     if len(shape) != 4:
         hint = (

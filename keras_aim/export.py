@@ -1,0 +1,436 @@
+"""SavedModel export for TensorFlow Serving, from any backend.
+
+`export_saved_model(model, export_dir)` writes TF Serving's layout
+(`export_dir/<version>/saved_model.pb` + `variables/`) with three
+signatures, the evaluation preprocessing inside the graph:
+
+- `serving_default`: `images` uint8 `(B, H, W, 3)`, any H and W.
+- `predict_images`: `image_bytes` string `(B,)`, encoded JPEG/PNG/GIF/BMP
+  (what TF Serving's REST API receives as `{"b64": ...}`); JPEGs are decoded
+  with the accurate IDCT, giving the same pixels as PIL.
+- `predict_preprocessed`: `images` float32 `(B, h, w, 3)`, already
+  resized, cropped and normalized (h, w: the model's crop).
+
+Outputs: `logits`, `probabilities`, `top_k_indices`, `top_k_scores` for
+an `AIMImageClassifier`; `embedding` (mean of the final tokens) and
+`tokens` for an `AIMBackbone`.
+
+TensorFlow is imported inside the functions: this is the backend-specific
+part of keras_aim. TensorFlow backend: `keras.export.ExportArchive`
+directly. JAX: `ExportArchive` converts the model with jax2tf (native
+serialization for CPU and CUDA); decoding and resizing stay TF ops outside
+the converted function. PyTorch: the model is saved to a `.keras` file and a
+TensorFlow-backend subprocess exports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import keras
+from keras import ops
+
+from keras_aim.backbone import AIMBackbone
+from keras_aim.classifier import AIMImageClassifier
+from keras_aim.preprocessing import AIMImageConverter
+
+SIGNATURES = ("serving_default", "predict_images", "predict_preprocessed")
+CLASSIFIER_OUTPUTS = ("logits", "probabilities", "top_k_indices", "top_k_scores")
+BACKBONE_OUTPUTS = ("embedding", "tokens")
+# jax2tf: one serialized module that runs on both kinds of TF Serving hosts.
+JAX_SERVING_PLATFORMS = ("cpu", "cuda")
+DEFAULT_BACKBONE_IMAGE_SIZE = 224
+
+
+def export_saved_model(
+    model: AIMImageClassifier | AIMBackbone,
+    export_dir: str | os.PathLike,
+    version: int | None = None,
+    overwrite: bool = False,
+    top_k: int = 5,
+    image_size: int | None = None,
+) -> str:
+    """Writes `model` as a TF Serving model version; returns its path.
+
+    Args:
+        model: an `AIMImageClassifier` or `AIMBackbone` on any backend.
+        export_dir: TF Serving's model base path; the SavedModel goes into
+            `export_dir/<version>/`.
+        version: positive int; default: one more than the highest existing
+            version (1 for a new directory).
+        overwrite: replace an existing version (else `FileExistsError`).
+        top_k: classifier outputs the `top_k` best classes (capped at the
+            number of classes).
+        image_size: side of the center crop, for backbones built with a
+            dynamic `image_shape` (and classifiers without preprocessor);
+            otherwise the model's own size. Default 224.
+
+    The version is written into a hidden temporary directory next to it and
+    renamed into place when complete: a failed export leaves existing
+    versions untouched and no partial version behind.
+    """
+    _check_exportable(model, top_k)
+    version = resolve_version(export_dir, version, overwrite)
+    base = Path(export_dir)
+    target = base / str(version)
+    base.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
+    try:
+        write_saved_model(model, str(staging), top_k=top_k, image_size=image_size)
+        _refuse_existing(target, overwrite)  # someone may have written it meanwhile
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{version}.replaced-", dir=base))
+            os.replace(target, retired / "old")
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / "old", target)  # put the old one back
+                raise
+            finally:
+                shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def resolve_version(
+    export_dir: str | os.PathLike, version: int | None, overwrite: bool = False
+) -> int:
+    """The version to write (`next_version` when `None`); raises if
+    `export_dir` is a file, the version is not a positive int, or it exists
+    and `overwrite` is off."""
+    base = Path(export_dir)
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(
+            f"export_dir {str(base)!r} is a file; pass a directory (TF "
+            "Serving's model base path)."
+        )
+    version = next_version(base) if version is None else version
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"version must be a positive int (TF Serving's version folder); "
+            f"received {version!r}."
+        )
+    _refuse_existing(base / str(version), overwrite)
+    return version
+
+
+def next_version(export_dir: str | os.PathLike) -> int:
+    """One more than the highest numeric version folder (1 if none)."""
+    base = Path(export_dir)
+    if not base.is_dir():
+        return 1
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"Version {target.name} already exists in {str(target.parent)!r}. "
+            "Pass overwrite=True (keras-aim export --overwrite) to replace it, "
+            "or another version."
+        )
+
+
+def _check_exportable(model, top_k: int) -> None:
+    if not isinstance(model, (AIMImageClassifier, AIMBackbone)):
+        raise TypeError(
+            "export_saved_model exports an AIMImageClassifier or AIMBackbone; "
+            f"received {type(model).__name__}. For other Keras models use "
+            "keras.export.ExportArchive."
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int; received {top_k!r}.")
+
+
+def serving_converter(model, image_size: int | None = None) -> AIMImageConverter:
+    """The evaluation preprocessing the exported graph runs: the
+    classifier's own converter if it has one, else an `AIMImageConverter`
+    cropping to the trunk's image size (or `image_size`)."""
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None and image_size is None:
+        return preprocessor.image_converter
+    backbone = model.backbone if isinstance(model, AIMImageClassifier) else model
+    height, width = backbone.image_shape[:2]
+    if image_size is not None:
+        if height is not None and (height, width) != (image_size, image_size):
+            raise ValueError(
+                f"image_size={image_size} does not match the model's fixed "
+                f"image_shape {backbone.image_shape}; leave image_size unset."
+            )
+        height = width = image_size
+    elif height is None or width is None:
+        height = width = DEFAULT_BACKBONE_IMAGE_SIZE
+    if height % backbone.patch_size or width % backbone.patch_size:
+        raise ValueError(
+            f"image_size {height}x{width} is not a multiple of the patch size "
+            f"{backbone.patch_size}."
+        )
+    return AIMImageConverter(image_size=(height, width))
+
+
+def serving_outputs(model, images, top_k: int = 5) -> dict:
+    """The exported outputs for preprocessed `images` `(B, h, w, 3)` (Keras
+    ops: runs on any backend). Classifier: logits, probabilities `(B, C)`,
+    top_k_indices (int32), top_k_scores `(B, k)`; backbone: embedding
+    `(B, D)`, tokens `(B, N, D)`; all float32."""
+    if isinstance(model, AIMImageClassifier):
+        logits = ops.cast(model(images, training=False), "float32")
+        probabilities = ops.softmax(logits, axis=-1)
+        # argsort, not ops.top_k: JAX lowers top_k to a StableHLO composite
+        # that TensorFlow's deserializer (TF 2.21) cannot read.
+        k = min(top_k, model.num_classes)
+        indices = ops.argsort(-probabilities, axis=-1)[:, :k]
+        scores = ops.take_along_axis(probabilities, indices, axis=-1)
+        return {
+            "logits": logits,
+            "probabilities": probabilities,
+            "top_k_indices": ops.cast(indices, "int32"),
+            "top_k_scores": scores,
+        }
+    tokens = ops.cast(model(images, training=False), "float32")
+    return {"embedding": ops.mean(tokens, axis=1), "tokens": tokens}
+
+
+def write_saved_model(
+    model, path: str, top_k: int = 5, image_size: int | None = None
+) -> None:
+    """Writes the SavedModel (all signatures) into `path`, from the active
+    backend; PyTorch hands the model to a TensorFlow-backend subprocess."""
+    backend = keras.config.backend()
+    if backend == "torch":
+        _write_in_tensorflow_process(model, path, top_k, image_size)
+        return
+    if backend not in ("tensorflow", "jax"):
+        raise NotImplementedError(
+            f"SavedModel export runs on the TensorFlow, JAX and PyTorch "
+            f"backends; the active backend is {backend!r}."
+        )
+    import tensorflow as tf
+
+    converter = serving_converter(model, image_size)
+    height, width = converter.image_size
+    archive = keras.export.ExportArchive()
+    backend_kwargs = {}
+    if backend == "jax":
+        # jax2tf binds the tracked variables. On TensorFlow the endpoints
+        # find their variables themselves; tracking the model there would
+        # store every weight twice (Keras variables + the tf.Variables the
+        # functions use): a 2x larger SavedModel.
+        archive.track(model)
+        backend_kwargs["jax2tf_kwargs"] = {
+            "native_serialization_platforms": JAX_SERVING_PLATFORMS
+        }
+
+    def predict_preprocessed(images):
+        return serving_outputs(model, images, top_k)
+
+    predict = archive.add_endpoint(
+        "predict_preprocessed",
+        predict_preprocessed,
+        input_signature=[
+            tf.TensorSpec((None, height, width, 3), tf.float32, name="images")
+        ],
+        **backend_kwargs,
+    )
+
+    # Decoding and resizing: TensorFlow ops outside the (jax2tf-)converted
+    # model function, with the converter's own dynamic-shape TF path.
+    @tf.function(
+        input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
+    )
+    def serve_images(images):
+        return predict(converter(images))
+
+    @tf.function(
+        input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")]
+    )
+    def serve_image_bytes(image_bytes):
+        def decode_and_preprocess(data):
+            # JPEG with the accurate IDCT: the same pixels as PIL (what
+            # `keras-aim classify` and the released evaluation read with).
+            image = tf.cond(
+                tf.io.is_jpeg(data),
+                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+            )
+            image.set_shape((None, None, 3))
+            return converter(image)
+
+        images = tf.map_fn(
+            decode_and_preprocess,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
+        )
+        return predict(images)
+
+    for name, function in (
+        ("serving_default", serve_images),
+        ("predict_images", serve_image_bytes),
+    ):
+        function.get_concrete_function()  # traced once: ExportArchive needs it
+        archive.add_endpoint(name, function)
+    archive.write_out(path, verbose=False)
+
+
+def _write_in_tensorflow_process(model, path, top_k, image_size) -> None:
+    """PyTorch backend: save the model, export it from a TensorFlow-backend
+    Python process (Keras cannot trace PyTorch models into TF graphs)."""
+    with tempfile.TemporaryDirectory(prefix="keras_aim_export_") as scratch:
+        model_file = os.path.join(scratch, "model.keras")
+        model.save(model_file)
+        command = [
+            sys.executable, "-m", "keras_aim.export",
+            "--model", model_file, "--saved-model", path, "--top-k", str(top_k),
+        ]
+        if image_size is not None:
+            command += ["--image-size", str(image_size)]
+        # The child imports this very keras_aim, installed or not.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        python_path = os.pathsep.join(
+            p for p in (package_root, os.environ.get("PYTHONPATH")) if p
+        )
+        result = subprocess.run(
+            command,
+            env={**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": python_path},
+            capture_output=True,
+            text=True,
+        )
+    if result.returncode != 0:
+        how = f"exited with status {result.returncode}"
+        if result.returncode < 0:
+            how = (
+                f"was killed by signal {-result.returncode} (out of memory? "
+                "it holds about 2-3x the weights besides this process)"
+            )
+        raise RuntimeError(
+            f"The TensorFlow-backend export process {how}; PyTorch models are "
+            "exported through TensorFlow. Its output:\n" + result.stderr[-4000:]
+        )
+
+
+# --- Clients ------------------------------------------------------------
+
+
+def rest_request_body(
+    images: Iterable[bytes], signature_name: str = "predict_images"
+) -> dict:
+    """A TF Serving REST `:predict` body for encoded image files:
+    `{"signature_name": ..., "instances": [{"b64": ...}, ...]}`."""
+    return {
+        "signature_name": signature_name,
+        "instances": [{"b64": base64.b64encode(data).decode("ascii")} for data in images],
+    }
+
+
+def predict_rest_body(saved_model, body: dict) -> dict:
+    """Runs a REST `:predict` body (`rest_request_body`) on a SavedModel as
+    TF Serving would: base64-decodes the instances, calls the named
+    signature (`predict_images` by default) and returns
+    `{"predictions": [{output: list, ...}, ...]}`, one dict per image.
+
+    `saved_model`: an export directory (a version folder) or the object
+    `tf.saved_model.load` returned. Undecodable images raise
+    `tf.errors.InvalidArgumentError`.
+    """
+    import tensorflow as tf
+
+    if isinstance(saved_model, (str, os.PathLike)):
+        saved_model = tf.saved_model.load(str(saved_model))
+    instances = body.get("instances")
+    if not isinstance(instances, list) or not all(
+        isinstance(item, dict) and set(item) == {"b64"} for item in instances
+    ):
+        raise ValueError(
+            'The body needs "instances": [{"b64": "<base64 image file>"}, ...] '
+            "(see rest_request_body)."
+        )
+    signature = saved_model.signatures[body.get("signature_name", "predict_images")]
+    data = [base64.b64decode(item["b64"]) for item in instances]
+    outputs = signature(image_bytes=tf.constant(data, tf.string))
+    outputs = {key: value.numpy().tolist() for key, value in outputs.items()}
+    return {
+        "predictions": [
+            {key: value[i] for key, value in outputs.items()} for i in range(len(data))
+        ]
+    }
+
+
+def keras2_layer(
+    export_dir: str | os.PathLike,
+    signature: str = "serving_default",
+    output: str | None = None,
+):
+    """The exported model as a tf-keras (Keras 2) layer, for TensorFlow
+    pipelines still on `tf_keras` (which has no `TFSMLayer`).
+
+    Args:
+        export_dir: a version folder written by `export_saved_model`.
+        signature: `serving_default` (uint8 images `(B, H, W, 3)`),
+            `predict_images` (encoded strings `(B,)`) or
+            `predict_preprocessed`.
+        output: one output name (e.g. `"embedding"`) to return a tensor;
+            default: the dict of all outputs.
+
+    The layer is frozen (inference only). In Keras 3 on the TensorFlow
+    backend use `keras.layers.TFSMLayer(export_dir, call_endpoint=...)`.
+    """
+    import tensorflow as tf
+    import tf_keras
+
+    class AIMSavedModelLayer(tf_keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(trainable=False, **kwargs)
+            self.saved_model = tf.saved_model.load(str(export_dir))
+            if signature not in self.saved_model.signatures:
+                raise ValueError(
+                    f"{export_dir} has no signature {signature!r}; it has "
+                    f"{sorted(self.saved_model.signatures)}."
+                )
+            self.function = self.saved_model.signatures[signature]
+            (self.input_name,) = self.function.structured_input_signature[1]
+            names = sorted(self.function.structured_outputs)
+            if output is not None and output not in names:
+                raise ValueError(
+                    f"Signature {signature!r} has no output {output!r}; its "
+                    f"outputs are {names}."
+                )
+
+        def call(self, inputs):
+            outputs = self.function(**{self.input_name: inputs})
+            return outputs if output is None else outputs[output]
+
+    return AIMSavedModelLayer(name="aim_saved_model")
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """`python -m keras_aim.export`: the TensorFlow-backend half of the
+    PyTorch export (writes a SavedModel of a `.keras` file into a folder)."""
+    import argparse
+
+    import keras_aim  # noqa: F401  (registers the classes for loading)
+
+    parser = argparse.ArgumentParser(prog="python -m keras_aim.export")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--saved-model", required=True)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=None)
+    args = parser.parse_args(argv)
+    model = keras.saving.load_model(args.model, compile=False)
+    write_saved_model(model, args.saved_model, args.top_k, args.image_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,332 @@
+"""SavedModel export for TF Serving (keras_aim.export, `keras-aim export`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import keras_aim
+from keras_aim import cli
+from keras_aim import export as aim_export
+from tests.conftest import (
+    PARITY_ATOL,
+    fixture_path,
+    make_tiny_backbone,
+    make_tiny_classifier,
+    to_numpy,
+)
+
+BACKEND = keras.config.backend()
+# Two input sizes, batch sizes 1 and 3 (resized + cropped to 32x32 inside).
+BATCH_SHAPES = [(1, 50, 70, 3), (3, 40, 36, 3)]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """The tiny classifier and backbone (reference weights), each exported
+    once as version 1; on PyTorch through the TensorFlow subprocess."""
+    converter = keras_aim.AIMImageConverter(image_size=(32, 32))
+    classifier = make_tiny_classifier(
+        preprocessor=keras_aim.AIMImageClassifierPreprocessor(converter)
+    )
+    keras_aim.load_official_weights(
+        classifier,
+        backbone_file=fixture_path("backbone.pth"),
+        head_file=fixture_path("head.pth"),
+    )
+    backbone = make_tiny_backbone()
+    keras_aim.load_official_weights(backbone, backbone_file=fixture_path("backbone.pth"))
+    root = tmp_path_factory.mktemp("exports")
+    return {
+        "converter": converter,
+        "classifier": classifier,
+        "backbone": backbone,
+        "classifier_dir": aim_export.export_saved_model(classifier, root / "classifier"),
+        "backbone_dir": aim_export.export_saved_model(backbone, root / "backbone", top_k=3),
+    }
+
+
+def keras_outputs(model, converter, raw):
+    """What the exported graph should return, computed by the Keras model."""
+    images = converter(raw)
+    return {k: to_numpy(v) for k, v in aim_export.serving_outputs(model, images).items()}
+
+
+def test_layout_is_tf_serving_version_folders(exports):
+    for key in ("classifier_dir", "backbone_dir"):
+        path = Path(exports[key])
+        assert path.name == "1"
+        assert (path / "saved_model.pb").is_file()
+        assert (path / "variables").is_dir()
+        assert sorted(p.name for p in path.parent.iterdir()) == ["1"]  # no leftovers
+        # Every weight stored once (float32 here; TensorFlow leaves out the
+        # few the graph does not use, e.g. the classifier's unused final norm).
+        model = exports[key.replace("_dir", "")]
+        weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in model.weights)
+        stored = sum(f.stat().st_size for f in (path / "variables").iterdir())
+        assert 0.95 * weight_bytes <= stored < 1.05 * weight_bytes
+
+
+@pytest.mark.slow
+def test_saved_model_matches_keras_in_a_process_without_keras(exports, tmp_path):
+    rng = np.random.RandomState(0)
+    batches = [rng.randint(0, 256, shape).astype("uint8") for shape in BATCH_SHAPES]
+    np.savez(tmp_path / "in.npz", **{f"batch{i}": b for i, b in enumerate(batches)})
+    script = str(Path(__file__).parent / "serve_without_keras.py")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    result = subprocess.run(
+        [sys.executable, script, str(tmp_path / "in.npz"), str(tmp_path / "out.npz"),
+         exports["classifier_dir"], exports["backbone_dir"]],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = dict(np.load(tmp_path / "out.npz"))
+    # No keras/keras_hub/keras_aim/tf_keras module beyond what `import
+    # tensorflow` loads by itself.
+    assert str(served["imported"]) == ""
+
+    for m, (model, names) in enumerate(
+        [(exports["classifier"], aim_export.CLASSIFIER_OUTPUTS),
+         (exports["backbone"], aim_export.BACKBONE_OUTPUTS)]
+    ):
+        for i, raw in enumerate(batches):
+            expected = keras_outputs(model, exports["converter"], raw)
+            assert sorted(expected) == sorted(names)
+            for signature in ("serving_default", "predict_images"):
+                for name in names:
+                    got = served[f"m{m}/{signature}/{i}/{name}"]
+                    assert got.shape == expected[name].shape, (signature, name)
+                    if name == "top_k_indices":
+                        np.testing.assert_array_equal(got, expected[name])
+                    else:
+                        np.testing.assert_allclose(
+                            got, expected[name], atol=PARITY_ATOL, err_msg=f"{signature} {name}"
+                        )
+        # A corrupt image fails its own request only.
+        assert str(served[f"m{m}/corrupt_error"]) == "InvalidArgumentError"
+        assert served[f"m{m}/after_corrupt"].shape[0] == 1
+    # The backbone's embedding is the mean of its tokens; classifier top_k=5.
+    assert served["m0/serving_default/1/top_k_indices"].shape == (3, 5)
+    assert served["m1/serving_default/0/tokens"].shape == (1, 16, 64)
+
+
+def signature_listing(model_dir) -> str:
+    result = subprocess.run(
+        ["saved_model_cli", "show", "--dir", str(model_dir), "--all"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def signature_block(listing: str, name: str) -> str:
+    """The part of `saved_model_cli show --all` about one signature."""
+    start = listing.index(f"signature_def['{name}']:")
+    end = listing.find("signature_def[", start + 1)
+    return listing[start : end if end > 0 else None]
+
+
+@pytest.mark.slow
+def test_saved_model_cli_lists_documented_signatures(exports):
+    listing = signature_listing(exports["classifier_dir"])
+    blocks = {name: signature_block(listing, name) for name in aim_export.SIGNATURES}
+    assert "inputs['images'] tensor_info:\n        dtype: DT_UINT8\n        shape: (-1, -1, -1, 3)" in blocks["serving_default"]
+    assert "inputs['image_bytes'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in blocks["predict_images"]
+    assert "inputs['images'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 32, 32, 3)" in blocks["predict_preprocessed"]
+    for block in blocks.values():
+        for output in aim_export.CLASSIFIER_OUTPUTS:
+            assert f"outputs['{output}'] tensor_info:" in block
+    assert "outputs['top_k_indices'] tensor_info:\n        dtype: DT_INT32\n        shape: (-1, 5)" in blocks["serving_default"]
+
+
+def saved_model_proto(model_dir):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(model_dir) / "saved_model.pb").read_bytes())
+    return proto
+
+
+def test_backbone_signatures(exports):
+    """The same signature defs saved_model_cli prints, read from the proto
+    (one saved_model_cli process per backend pass is enough)."""
+    signatures = saved_model_proto(exports["backbone_dir"]).meta_graphs[0].signature_def
+    assert set(signatures) >= set(aim_export.SIGNATURES)
+    for name, (input_name, dims) in {
+        "serving_default": ("images", [-1, -1, -1, 3]),
+        "predict_images": ("image_bytes", [-1]),
+        "predict_preprocessed": ("images", [-1, 32, 32, 3]),
+    }.items():
+        (key,) = signatures[name].inputs
+        assert key == input_name
+        assert [d.size for d in signatures[name].inputs[key].tensor_shape.dim] == dims
+        outputs = signatures[name].outputs
+        assert sorted(outputs) == sorted(aim_export.BACKBONE_OUTPUTS)
+        assert [d.size for d in outputs["tokens"].tensor_shape.dim] == [-1, 16, 64]
+        assert [d.size for d in outputs["embedding"].tensor_shape.dim] == [-1, 64]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax2tf export only")
+def test_jax_export_serves_on_cpu_and_cuda(exports):
+    proto = saved_model_proto(exports["classifier_dir"])
+    platforms = {
+        tuple(node.attr["platforms"].list.s)
+        for function in proto.meta_graphs[0].graph_def.library.function
+        for node in function.node_def
+        if node.op == "XlaCallModule"
+    }
+    assert platforms == {(b"CPU", b"CUDA")}
+
+
+def test_tf_keras_wrapper_uses_aim_features(exports):
+    import tensorflow as tf
+    import tf_keras
+
+    raw = np.random.RandomState(1).randint(0, 256, (2, 40, 48, 3)).astype("uint8")
+    inputs = tf_keras.Input(shape=(None, None, 3), dtype="uint8")
+    features = aim_export.keras2_layer(exports["backbone_dir"], output="embedding")(inputs)
+    head = tf_keras.layers.Dense(4, kernel_initializer="ones", name="head")
+    model = tf_keras.Model(inputs, head(features))
+    expected = keras_outputs(exports["backbone"], exports["converter"], raw)["embedding"]
+    np.testing.assert_allclose(
+        model.predict(raw, verbose=0), expected.sum(-1, keepdims=True).repeat(4, -1), atol=1e-3
+    )
+    assert [w.name for w in model.trainable_weights] == ["head/kernel:0", "head/bias:0"]
+    # The whole dict, from encoded images.
+    logits = aim_export.keras2_layer(exports["classifier_dir"], signature="predict_images")(
+        tf.constant([tf.io.encode_png(raw[0]).numpy()])
+    )["logits"]
+    np.testing.assert_allclose(
+        logits.numpy(),
+        keras_outputs(exports["classifier"], exports["converter"], raw[:1])["logits"],
+        atol=PARITY_ATOL,
+    )
+    with pytest.raises(ValueError, match="no output 'logits'.*embedding"):
+        aim_export.keras2_layer(exports["backbone_dir"], output="logits")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="keras.layers.TFSMLayer is TF-only")
+def test_keras3_tfsm_layer_loads_the_export(exports):
+    raw = np.random.RandomState(2).randint(0, 256, (2, 36, 44, 3)).astype("uint8")
+    inputs = keras.Input(shape=(None, None, 3), dtype="uint8")
+    outputs = keras.layers.TFSMLayer(exports["classifier_dir"], call_endpoint="serving_default")(inputs)
+    model = keras.Model(inputs, outputs["probabilities"])
+    expected = keras_outputs(exports["classifier"], exports["converter"], raw)
+    np.testing.assert_allclose(model.predict(raw, verbose=0), expected["probabilities"], atol=PARITY_ATOL)
+
+
+def test_existing_version_is_refused_without_overwrite(exports, tmp_path, capsys):
+    base = Path(exports["classifier_dir"]).parent
+    before = sorted(str(p) for p in base.rglob("*"))
+    with pytest.raises(FileExistsError, match="Version 1 already exists.*overwrite=True"):
+        aim_export.export_saved_model(exports["classifier"], base, version=1)
+    model_file = str(tmp_path / "tiny.keras")
+    exports["backbone"].save(model_file)
+    code = cli.main(["export", "--model", model_file, "--out", str(base), "--version", "1"])
+    assert code == 1
+    assert "Version 1 already exists" in capsys.readouterr().err
+    assert sorted(str(p) for p in base.rglob("*")) == before
+    assert aim_export.next_version(base) == 2
+
+
+def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch):
+    base = tmp_path / "served"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"version one")
+
+    def fail_midway(model, path, **kwargs):
+        Path(path, "saved_model.pb").write_bytes(b"half written")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(aim_export, "write_saved_model", fail_midway)
+    for version, overwrite in ((None, False), (1, True)):
+        with pytest.raises(RuntimeError, match="disk full"):
+            aim_export.export_saved_model(
+                exports["backbone"], base, version=version, overwrite=overwrite
+            )
+        assert sorted(p.name for p in base.iterdir()) == ["1"]  # no partial version
+        assert (base / "1" / "saved_model.pb").read_bytes() == b"version one"
+
+    def succeed(model, path, **kwargs):
+        Path(path, "saved_model.pb").write_bytes(b"version one, again")
+
+    monkeypatch.setattr(aim_export, "write_saved_model", succeed)
+    # The swap itself fails: the old version is put back.
+    real_replace = os.replace
+
+    def failing_swap(source, destination):
+        if ".partial-" in str(source):
+            raise OSError("rename failed")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OSError, match="rename failed"):
+        aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"version one"
+    monkeypatch.setattr(os, "replace", real_replace)
+    aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
+    assert sorted(p.name for p in base.iterdir()) == ["1"]
+    assert (base / "1" / "saved_model.pb").read_bytes() == b"version one, again"
+    assert aim_export.export_saved_model(exports["backbone"], base).endswith(os.sep + "2")
+
+
+def test_bad_arguments_are_named(exports, tmp_path):
+    with pytest.raises(TypeError, match="AIMImageClassifier or AIMBackbone.*ExportArchive"):
+        aim_export.export_saved_model(keras.Sequential([keras.layers.Dense(2)]), tmp_path)
+    with pytest.raises(ValueError, match="version must be a positive int"):
+        aim_export.export_saved_model(exports["backbone"], tmp_path, version=0)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        aim_export.export_saved_model(exports["backbone"], tmp_path, top_k=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        aim_export.export_saved_model(exports["backbone"], tmp_path / "file")
+    with pytest.raises(ValueError, match="does not match the model's fixed image_shape"):
+        aim_export.serving_converter(exports["backbone"], image_size=64)
+    assert aim_export.serving_converter(
+        make_tiny_backbone(image_shape=(None, None, 3))
+    ).image_size == (224, 224)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="the REST helper and the CLI are backend-independent TF code; the "
+    "other passes export through the module fixture",
+)
+def test_rest_body_gives_the_same_top_k_as_classify(release, tmp_path, capsys):
+    from tests.test_cli import write_images
+    from tests.tiny_release import NAME
+
+    jpeg, png, _ = write_images(tmp_path)
+    out = tmp_path / "served"
+    assert cli.main(["export", "--preset", NAME, "--out", str(out), "--probe", "last",
+                     "--top-k", "3"]) == 0
+    assert str(out / "1") in capsys.readouterr().out
+    assert cli.main(["classify", jpeg, png, "--preset", NAME, "--probe", "last",
+                     "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    printed = [lines[1:4], lines[5:8]]  # "  1. class 7   0.1234" per rank
+
+    body = aim_export.rest_request_body([Path(jpeg).read_bytes(), Path(png).read_bytes()])
+    assert body["signature_name"] == "predict_images"
+    assert set(body["instances"][0]) == {"b64"}
+    response = aim_export.predict_rest_body(str(out / "1"), body)
+    assert len(response["predictions"]) == 2
+    for prediction, ranks in zip(response["predictions"], printed):
+        assert prediction["top_k_indices"] == [int(line.split()[2]) for line in ranks]
+        np.testing.assert_allclose(
+            prediction["top_k_scores"], [float(line.split()[-1]) for line in ranks], atol=1e-4
+        )
+    with pytest.raises(ValueError, match='"instances"'):
+        aim_export.predict_rest_body(str(out / "1"), {"instances": [[1, 2]]})
+
+    # The trunk of the same preset, as the next version.
+    assert cli.main(["export", "--preset", NAME, "--backbone", "--out", str(out)]) == 0
+    response = aim_export.predict_rest_body(str(out / "2"), body)
+    assert sorted(response["predictions"][0]) == ["embedding", "tokens"]
+    assert np.array(response["predictions"][1]["tokens"]).shape == (16, 64)
