@@ -188,14 +188,27 @@ def make_optimizer(model: nn.Module, learning_rate: float = 1e-3):
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train_step(model, optimizer, images, prefix_lengths=None):
+class PretrainingLoss(nn.Module):
+    """`(images, prefix_lengths)` -> the pre-training loss of `model` (a
+    module, so that `torch.compile` can compile forward and backward)."""
+
+    def __init__(self, model: TorchAIM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, prefix_lengths):
+        predictions = self.model.pretraining_outputs(images, prefix_lengths)
+        return pixel_loss(images, predictions, prefix_lengths, self.model.patch_size)
+
+
+def train_step(model, optimizer, images, prefix_lengths=None, loss_fn=None):
     """One pre-training step: prefix lengths (random in [1, N-1] unless
-    given), forward, loss, backward, global-norm clipping 1.0, AdamW update.
-    Returns the loss."""
+    given), forward, loss (`loss_fn`, default `PretrainingLoss(model)`),
+    backward, global-norm clipping 1.0, AdamW update. Returns the loss."""
     prefix = prefix_lengths
     if prefix is None:
-        prefix = torch.randint(1, model.num_patches, (images.shape[0],))
-    loss = pixel_loss(images, model.pretraining_outputs(images, prefix), prefix, model.patch_size)
+        prefix = torch.randint(1, model.num_patches, (images.shape[0],), device=images.device)
+    loss = (loss_fn or PretrainingLoss(model))(images, prefix)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
