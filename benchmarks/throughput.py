@@ -155,9 +155,12 @@ def _keras_worker(args, config) -> dict:
                 block.attn.flash_attention = args.flash_attention
         return backbone
 
+    jit_compile = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
     results = {}
     if "inference" in args.modes:
         backbone = build()
+        if jit_compile != "auto":
+            backbone.jit_compile = jit_compile
         results["inference"] = _time_runs(
             lambda: backbone.predict_on_batch(images), args.calls, args.runs,
             args.warmup, sync=lambda: None)  # returns NumPy: already synced
@@ -169,7 +172,7 @@ def _keras_worker(args, config) -> dict:
             pretrainer = keras_aim.AIMPretrainer(
                 build(), pixel_head_width=config["head_width"],
                 pixel_head_depth=config["head_depth"], seed=0)
-        pretrainer.compile()
+        pretrainer.compile(jit_compile=jit_compile)
         results["train"] = _time_runs(
             lambda: pretrainer.train_on_batch(images), max(1, args.calls // 2),
             args.runs, args.warmup, sync=lambda: None)  # returns a float
@@ -316,6 +319,7 @@ def _forwarded_arguments(args) -> list[str]:
             forwarded += ["--" + key.replace("_", "-"), str(value)]
     if args.remat:
         forwarded.append("--remat")
+    forwarded += ["--jit-compile", args.jit_compile]
     if args.flash_attention is not None:
         forwarded += ["--flash-attention", str(args.flash_attention).lower()]
     return forwarded
@@ -419,6 +423,9 @@ def parse_args(argv=None):
                         help="rematerialize activations in the backward pass (Keras targets)")
     parser.add_argument("--flash-attention", type=lambda s: s.lower() == "true", default=None,
                         help="true/false: force keras.ops.dot_product_attention's flash path")
+    parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
+                        help="Keras targets: compiled steps (XLA on JAX/TF, torch.compile on "
+                             "torch); auto is Keras' default")
     parser.add_argument("--report-mfu", action="store_true",
                         help="add model FLOPs utilization against the device's peak")
     parser.add_argument("--peak-tflops", type=float, default=None,

@@ -208,7 +208,7 @@ def train_step(model, optimizer, images, prefix_lengths=None, loss_fn=None):
     prefix = prefix_lengths
     if prefix is None:
         prefix = torch.randint(1, model.num_patches, (images.shape[0],), device=images.device)
-    loss = (loss_fn or PretrainingLoss(model))(images, prefix)
+    loss = (loss_fn if loss_fn is not None else PretrainingLoss(model))(images, prefix)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -104,3 +104,78 @@ def test_torch_reference_train_step_matches_keras(torch_reference):
         difference = np.abs(torch_weight.detach().numpy() - to_numpy(keras_weight))
         assert np.mean(difference < 2e-5) > 0.98
         assert difference.max() < 1e-3
+
+
+def _throughput_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import throughput
+
+    return throughput
+
+
+TINY_ARGS = [
+    "--image-size", "32", "--patch-size", "8", "--hidden-dim", "32", "--num-layers", "1",
+    "--num-heads", "2", "--head-width", "32", "--head-depth", "1", "--batch-size", "2",
+    "--runs", "1", "--calls", "1", "--warmup", "1",
+]
+
+
+def test_flop_count_matches_a_hand_count(monkeypatch):
+    throughput = _throughput_module(monkeypatch)
+    config = dict(image_size=28, patch_size=14, hidden_dim=8, num_layers=2, num_heads=2,
+                  head_width=4, head_depth=1, batch_size=1)
+    n, d, pixels = 4, 8, 14 * 14 * 3
+    per_layer = 2 * n * d * (3 * d) + 2 * n * d * d + 2 * (2 * n * d * 4 * d)
+    flops = throughput.forward_flops(config)
+    assert flops["trunk"] == 2 * n * pixels * d + 2 * per_layer
+    assert flops["attention"] == 2 * (2 * n * n * d) * 2
+    head = 2 * n * d * 4 + 2 * (2 * n * 4 * 16) + 2 * n * 4 * pixels
+    assert flops["pixel_head"] == head
+    steps = throughput.step_flops(config)
+    assert steps["train"] == 3 * (flops["trunk"] + flops["attention"] + head)
+
+
+def test_keras_worker_measures_this_backend(monkeypatch, capsys):
+    """The benchmark's Keras worker runs inference and a pre-training step
+    on the current backend and reports times and peak memory."""
+    import json
+
+    throughput = _throughput_module(monkeypatch)
+    monkeypatch.setenv("KERAS_BACKEND", keras.config.backend())
+    target = "keras-" + keras.config.backend()
+    throughput.main(["--worker", target, *TINY_ARGS])
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert len(result["inference"]) == 1 and result["inference"][0] > 0
+    assert len(result["train"]) == 1 and result["train"][0] > 0
+    assert result["train_peak"] >= result["inference_peak"] > 0
+
+    rows = throughput.table_rows({target: result}, throughput.resolve_config(
+        throughput.parse_args(TINY_ARGS)), rate=1e9, peak=None)
+    assert [(r["target"], r["mode"]) for r in rows] == [(target, "inference"), (target, "train")]
+    table = throughput.format_table(rows, markdown=True)
+    assert table.count("\n") == 3 and target in table
+
+
+@needs_torch_backend
+def test_torch_worker_runs_eager(monkeypatch, capsys):
+    import json
+
+    throughput = _throughput_module(monkeypatch)
+    throughput.main(["--worker", "torch-eager", *TINY_ARGS])
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert result["inference"][0] > 0 and result["train"][0] > 0
+
+
+def test_flash_attention_setting_reaches_the_attention_op():
+    """`flash_attention=True` is passed to keras.ops.dot_product_attention,
+    which refuses it on a CPU; False runs and changes nothing."""
+    layer = keras_aim.layers.AIMAttention(32, 2)
+    x = np.random.default_rng(0).normal(size=(2, 16, 32)).astype("float32")
+    expected = to_numpy(layer(x))
+    layer.flash_attention = False
+    np.testing.assert_allclose(to_numpy(layer(x)), expected, atol=1e-6)
+    layer.flash_attention = True
+    with pytest.raises((RuntimeError, ValueError, ImportError)):
+        layer(x)
