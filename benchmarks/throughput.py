@@ -167,7 +167,11 @@ def _keras_worker(args, config) -> dict:
         results["inference_peak"] = _peak_memory()
         del backbone
     if "train" in args.modes:
-        scope = keras.RematScope(mode="full") if args.remat else _nothing()
+        # Rematerialize the transformer blocks (trunk and pixel head), whose
+        # activations dominate the memory of the backward pass.
+        blocks = [f"block_{i}" for i in range(max(config["num_layers"], config["head_depth"]))]
+        scope = (keras.RematScope(mode="list_of_layers", layer_names=blocks)
+                 if args.remat else _nothing())
         with scope:
             pretrainer = keras_aim.AIMPretrainer(
                 build(), pixel_head_width=config["head_width"],
