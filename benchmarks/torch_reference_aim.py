@@ -95,15 +95,16 @@ class TorchAIM(nn.Module):
 
     def __init__(
         self,
-        image_size: int = 224,
-        patch_size: int = 14,
-        hidden_dim: int = 1536,
-        num_layers: int = 24,
-        num_heads: int = 12,
+        *,
+        image_size: int,
+        patch_size: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_heads: int,
+        head_width: int,
+        head_depth: int,
         mlp_ratio: float = 4.0,
         layer_norm_epsilon: float = 1e-6,
-        head_width: int = 2048,
-        head_depth: int = 12,
         head_layer_norm_epsilon: float = 1e-5,
         channels: int = 3,
     ):
