@@ -178,7 +178,7 @@ def _keras_worker(args, config) -> dict:
                 pixel_head_depth=config["head_depth"], seed=0)
         pretrainer.compile(jit_compile=jit_compile)
         results["train"] = _time_runs(
-            lambda: pretrainer.train_on_batch(images), max(1, args.calls // 2),
+            lambda: pretrainer.train_on_batch(images), max(1, args.calls // 4),
             args.runs, args.warmup, sync=lambda: None)  # returns a float
         results["train_peak"] = _peak_memory()
     return results
@@ -224,7 +224,7 @@ def _torch_worker(args, config, compiled: bool) -> dict:
                 return reference.train_step(model, optimizer, images, loss_fn=loss_fn)
 
         results["train"] = _time_runs(
-            train, max(1, args.calls // 2), args.runs, args.warmup, sync)
+            train, max(1, args.calls // 4), args.runs, args.warmup, sync)
         results["train_peak"] = _peak_memory()
     return results
 
@@ -436,7 +436,8 @@ def parse_args(argv=None):
                         help="the device's peak for --report-mfu (default: known GPUs, "
                              "or the measured matmul rate on a CPU)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=4, help="inference calls per run")
+    parser.add_argument("--calls", type=int, default=4,
+                        help="inference calls per run (training steps: a quarter, at least 1)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--target-timeout", type=int, default=300)
     parser.add_argument("--csv", default=None)
