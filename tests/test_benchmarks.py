@@ -135,6 +135,7 @@ def test_flop_count_matches_a_hand_count(monkeypatch):
     assert steps["train"] == 3 * (flops["trunk"] + flops["attention"] + head)
 
 
+@pytest.mark.slow  # compiles a training step
 def test_keras_worker_measures_this_backend(monkeypatch, capsys):
     """The benchmark's Keras worker runs inference and a pre-training step
     on the current backend and reports times and peak memory."""
