@@ -7,6 +7,7 @@ from typing import Sequence
 import keras
 from keras_hub.models import Backbone
 
+from keras_aim.initialization import variables_to_be_overwritten, zeros_while_loading
 from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
 from keras_aim.layers import (
@@ -106,9 +107,11 @@ class AIMBackbone(Backbone):
 
         # === Functional Model ===
         inputs = keras.Input(shape=image_shape, name="images")
-        tokens, blocks = self._run_trunk(
-            inputs, None, range(num_layers), final_norm=True
-        )
+        trunk_layers = [self.patch_embedding, *self.blocks, self.post_trunk_norm]
+        with zeros_while_loading(trunk_layers):  # builds them
+            tokens, blocks = self._run_trunk(
+                inputs, None, range(num_layers), final_norm=True
+            )
         super().__init__(inputs=inputs, outputs=tokens, dtype=dtype, **kwargs)
         # Symbolic per-block outputs, for tasks that wire probes on them
         # (like keras-hub's `pyramid_outputs`).
@@ -302,7 +305,12 @@ class AIMBackbone(Backbone):
                 name, kwargs.get("dtype"), release_dir
             )
         limit_heap_fragmentation()  # keeps loading near 1x the weights
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        if not load_weights:
+            return super().from_preset(preset, load_weights=False, **kwargs)
+        # Loading is strict (a variable the file lacks is an error), so no
+        # random initial value survives: skip drawing them.
+        with variables_to_be_overwritten():
+            return super().from_preset(preset, load_weights=True, **kwargs)
 
 
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):

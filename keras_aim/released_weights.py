@@ -26,6 +26,7 @@ import keras
 from keras_aim.atomic_files import atomic_directory, atomic_file
 from keras_aim.conversion import load_official_weights
 from keras_aim.download import download_file, verify_sha256
+from keras_aim.initialization import variables_to_be_overwritten
 from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.presets import AIM_PRESETS, RELEASE_BASE_URL, get_preset
 
@@ -112,7 +113,8 @@ def cached_backbone_preset(
     limit_heap_fragmentation()  # before building: keeps conversion near 1x
     target_dtype = variable_dtype(dtype)
     config = get_preset(name)["config"]
-    backbone = AIMBackbone(**config, dtype=target_dtype)
+    with variables_to_be_overwritten():  # the strict load fills every one
+        backbone = AIMBackbone(**config, dtype=target_dtype)
     load_official_weights(backbone, backbone_file=source)
     preprocessor = AIMImageClassifierPreprocessor(
         AIMImageConverter(image_size=tuple(config["image_shape"][:2]))

@@ -94,6 +94,13 @@ class AIMAttention(keras.layers.Layer):
         hidden_dim: model width D, divisible by `num_heads`.
         num_heads: number of attention heads.
 
+    Attributes:
+        flash_attention: passed to `keras.ops.dot_product_attention`:
+            `None` (default) lets the backend pick its fused kernel where it
+            can, `True` demands flash attention (an error where the backend,
+            device or mask cannot), `False` forbids it. Not saved in the
+            config; set it after building, e.g. for a benchmark on a GPU.
+
     Call arguments:
         x: `(batch, N, D)` tokens.
         attention_mask: optional boolean mask broadcastable to
@@ -114,6 +121,7 @@ class AIMAttention(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
+        self.flash_attention = None
         self.qkv = AIMFusedQKV(
             3 * hidden_dim, use_bias=False, dtype=self.dtype_policy, name="qkv"
         )
@@ -132,7 +140,9 @@ class AIMAttention(keras.layers.Layer):
             self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim)
         )
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
-        out = ops.dot_product_attention(q, k, v, mask=attention_mask)
+        out = ops.dot_product_attention(
+            q, k, v, mask=attention_mask, flash_attention=self.flash_attention
+        )
         return self.proj(ops.reshape(out, (batch, length, self.hidden_dim)))
 
     def compute_output_shape(self, input_shape):
