@@ -9,6 +9,7 @@ from keras_hub.models import Backbone
 
 from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
+from keras_aim.layers.remat import block_remat_scope
 from keras_aim.layers import (
     AIMPatchEmbedding,
     AIMSinCosPositionEmbedding,
@@ -40,6 +41,9 @@ class AIMBackbone(Backbone):
         mlp_ratio: MLP hidden width as a multiple of D.
         layer_norm_epsilon: epsilon of every LayerNorm (1e-6 for the released
             weights; the training code uses 1e-5).
+        remat: recompute each transformer block in the backward pass instead
+            of storing its activations (saves memory in training; same
+            results).
         dtype: dtype policy of the layers, e.g. `"bfloat16"`.
 
     Example:
@@ -59,6 +63,7 @@ class AIMBackbone(Backbone):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         layer_norm_epsilon: float = 1e-6,
+        remat: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -79,17 +84,19 @@ class AIMBackbone(Backbone):
         self.flatten_grid = keras.layers.Reshape(
             (-1, hidden_dim), dtype=dtype, name="flatten_grid"
         )
-        self.blocks = [
-            AIMTransformerBlock(
-                hidden_dim,
-                num_heads,
-                mlp_ratio,
-                layer_norm_epsilon,
-                dtype=dtype,
-                name=f"block_{i}",
-            )
-            for i in range(num_layers)
-        ]
+        block_names = [f"block_{i}" for i in range(num_layers)]
+        with block_remat_scope(remat, block_names):
+            self.blocks = [
+                AIMTransformerBlock(
+                    hidden_dim,
+                    num_heads,
+                    mlp_ratio,
+                    layer_norm_epsilon,
+                    dtype=dtype,
+                    name=name,
+                )
+                for name in block_names
+            ]
         self.post_trunk_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="post_trunk_norm"
         )
@@ -103,6 +110,7 @@ class AIMBackbone(Backbone):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.remat = remat
 
         # === Functional Model ===
         inputs = keras.Input(shape=image_shape, name="images")
@@ -264,6 +272,21 @@ class AIMBackbone(Backbone):
 
     # --- Serialization ----------------------------------------------------
 
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name: str = "model",
+        data_parallel_dim_name: str = "batch",
+    ):
+        """`keras_aim.distribution.layout_map` (keras-hub's convention): the
+        `keras.distribution.LayoutMap` that splits the large kernels of the
+        trunk, pixel head and probe over `model_parallel_dim_name`."""
+        from keras_aim.distribution import layout_map
+
+        return layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -275,6 +298,7 @@ class AIMBackbone(Backbone):
                 "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "remat": self.remat,
             }
         )
         return config
