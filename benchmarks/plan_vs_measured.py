@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--runs", nargs="+",
-        default=["6:2:2", "6:2:8", "6:2:8:remat", "12:4:4", "12:4:4:remat"],
+        default=["6:2:2", "6:2:8", "12:4:2", "12:4:4"],
         help="LAYERS:HEAD_DEPTH:BATCH[:remat] per run",
     )
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     print("| trunk blocks | head blocks | batch | remat | planned: params+opt+grads "
           "| planned: activations | planned total | measured peak - baseline "
           "| measured / planned |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for text in args.runs:
         layers, depth, batch, remat = parse_run(text)
         shape = PretrainingShape(

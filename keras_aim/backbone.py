@@ -129,11 +129,16 @@ class AIMBackbone(Backbone):
         last = wanted[-1] if wanted else -1
         if final_norm:
             last = self.num_layers - 1
+        if self.remat and attention_mask is not None:
+            # TensorFlow's remat (recompute_grad) differentiates every input
+            # and takes none by keyword: the mask goes positionally, as 0/1
+            # floats (the attention casts it back).
+            attention_mask = keras.ops.cast(attention_mask, "float32")
         x = self.position_embedding(self.patch_embedding(images))
         x = self.flatten_grid(x)
         outputs = {}
         for i in range(last + 1):
-            x = self.blocks[i](x, attention_mask=attention_mask)
+            x = self.blocks[i](x, attention_mask)
             outputs[i] = x
         picked = [outputs[i] for i in block_indices]
         return (self.post_trunk_norm(x) if final_norm else None), picked

@@ -18,15 +18,19 @@ Activations kept for the backward pass, per token, in elements of the
 compute dtype (D trunk width, h heads, N tokens, W pixel-head width,
 t model-axis size), without rematerialization:
 
-- each trunk block: `4D` replicated (the two LayerNorm inputs and outputs)
-  + `(3D + D + 8D) / t` (q, k, v, attention output, MLP hidden before and
-  after GELU) + `2hN / t` (attention logits and probabilities);
-- each pixel-head block: `3W + 8W / t`;
+- each trunk block: `6D` replicated (each LayerNorm's input, normalized
+  input and output) + `(3D + D + 3 * 4D) / t` (q, k, v, attention output,
+  the MLP hidden layer before, inside and after GELU) + `3hN / t`
+  (attention logits, masked logits, probabilities);
+- each pixel-head block: `5W` (its two LayerNorms, the residual) +
+  `3 * 4W / t` (the MLP hidden layer);
 - once: the image patches (3 p²C, input, targets and errors), `6D`
   (patch embedding, post-trunk norm) and `4W + p²C` (pixel head ends).
 
 With remat, each block keeps only its input (`D` or `W` per token) and the
-one block being recomputed holds its full activations.
+one block being recomputed holds its full activations. (XLA:CPU does not
+lower the peak with remat: its scheduler keeps the recomputed activations
+alive; the remat figures are for GPU/TPU compilers.)
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ def activation_elements(shape: PretrainingShape, model_axis: int, remat: bool) -
     n, heads = shape.num_tokens, shape.num_heads
     d_mlp = d * shape.mlp_ratio
     w_mlp = w * shape.pixel_head_mlp_ratio
-    trunk_block = 4 * d + (4 * d + 2 * d_mlp + 2 * heads * n) / t
-    head_block = 3 * w + 2 * w_mlp / t
+    trunk_block = 6 * d + (4 * d + 3 * d_mlp + 3 * heads * n) / t
+    head_block = 5 * w + 3 * w_mlp / t
     once = 3 * shape.patch_values + 6 * d + 4 * w + shape.patch_values
     if remat:
         kept = shape.num_layers * d + shape.pixel_head_depth * w

@@ -182,8 +182,8 @@ def test_plan_arithmetic_by_hand():
     params = split / 4 + replicated
     assert fp32.micro_batch_per_device == 8
     assert (fp32.parameters, fp32.optimizer_state, fp32.gradients) == (4 * params, 8 * params, 4 * params)
-    per_block = 4 * 64 + (12 * 64 + 2 * 4 * 16) / 4
-    per_head_block = 3 * 32 + 8 * 32 / 4
+    per_block = 6 * 64 + (16 * 64 + 3 * 4 * 16) / 4
+    per_head_block = 5 * 32 + 12 * 32 / 4
     once = 4 * 192 + 6 * 64 + 4 * 32
     assert fp32.activations == 4 * 8 * 16 * (4 * per_block + 2 * per_head_block + once)
     bf16 = plan_memory(TINY_SHAPE, 2, 4, 16, "bf16", remat=True, accumulate=2)
