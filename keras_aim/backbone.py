@@ -9,7 +9,7 @@ from keras_hub.models import Backbone
 
 from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
-from keras_aim.layers.remat import block_remat_scope
+from keras_aim.layers.remat import make_blocks
 from keras_aim.layers import (
     AIMPatchEmbedding,
     AIMSinCosPositionEmbedding,
@@ -84,19 +84,13 @@ class AIMBackbone(Backbone):
         self.flatten_grid = keras.layers.Reshape(
             (-1, hidden_dim), dtype=dtype, name="flatten_grid"
         )
-        block_names = [f"block_{i}" for i in range(num_layers)]
-        with block_remat_scope(remat, block_names):
-            self.blocks = [
-                AIMTransformerBlock(
-                    hidden_dim,
-                    num_heads,
-                    mlp_ratio,
-                    layer_norm_epsilon,
-                    dtype=dtype,
-                    name=name,
-                )
-                for name in block_names
-            ]
+        self.blocks = make_blocks(
+            num_layers,
+            remat,
+            lambda name: AIMTransformerBlock(
+                hidden_dim, num_heads, mlp_ratio, layer_norm_epsilon, dtype=dtype, name=name
+            ),
+        )
         self.post_trunk_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="post_trunk_norm"
         )

@@ -35,9 +35,9 @@ def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--accumulate", type=int, default=1, metavar="N",
-        help="gradient accumulation: each step sees batch_size/N images and "
-        "the weights change every N steps (the effective batch stays "
-        "batch_size)",
+        help="gradient accumulation: each weight update averages the "
+        "gradients of N micro-batches of batch_size/N images (the effective "
+        "batch stays batch_size)",
     )
     group.add_argument(
         "--remat", action="store_true",

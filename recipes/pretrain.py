@@ -15,9 +15,9 @@ data order, so the result equals an uninterrupted run (with the same
 
 --mesh BATCHxMODEL splits the global batch over BATCH and the large
 kernels over MODEL devices (keras.distribution on JAX; MirroredStrategy
-data parallelism on TensorFlow). With --accumulate N each step sees
-batch_size/N images and the weights change every N steps; step counts
-(--steps, checkpoints, the schedule) are then in these smaller steps x N.
+data parallelism on TensorFlow). With --accumulate N each weight update
+averages the gradients of N micro-batches of batch_size/N images; --steps
+and checkpoints count weight updates.
 """
 
 from __future__ import annotations
@@ -104,14 +104,21 @@ def main(argv=None) -> int:
         if value is not None:
             config["total_steps" if key == "steps" else key] = value
 
-    from keras_aim.distribution import parse_mesh
+    from keras_aim.distribution import DistributionUnavailableError, parse_mesh
 
     validate(config, parse_mesh(args.mesh), args.accumulate)
-    training = setup_distribution(args, config["batch_size"])
-    # Steps count micro-batches: N of them make one optimizer update.
+    try:
+        training = setup_distribution(args, config["batch_size"])
+    except DistributionUnavailableError as error:
+        raise SystemExit(f"error: {error}")
+    # With --accumulate N, fit sees N micro-batches per optimizer update;
+    # steps and checkpoints count updates, the learning-rate schedule counts
+    # micro-batches (as Keras' optimizer does).
     config["batch_size"] = training.micro_batch_size
-    config["total_steps"] *= training.accumulate
-    config["checkpoint_every"] *= training.accumulate
+    micro = training.accumulate
+    if training.mesh.num_devices > 1:
+        print(f"mesh {training.mesh}: {training.micro_batch_size // training.mesh.batch} "
+              "images per batch-axis device per step", flush=True)
 
     import keras
 
@@ -131,7 +138,8 @@ def main(argv=None) -> int:
     # fit runs under it too.
     with training.scope():
         pretrainer = build_pretrainer(
-            config, args.seed, training.remat, training.gradient_accumulation_steps
+            {**config, "total_steps": config["total_steps"] * micro}, args.seed,
+            training.remat, training.gradient_accumulation_steps,
         )
         step = 0
         if existing:
@@ -152,10 +160,10 @@ def main(argv=None) -> int:
                 chunk = min(every - step % every, total - step)
                 stream = data.pretraining_dataset(
                     images, config["batch_size"], config["image_size"],
-                    config["augmentation"], seed=args.seed, start_step=step,
+                    config["augmentation"], seed=args.seed, start_step=step * micro,
                 )
                 pretrainer.fit(
-                    stream, steps_per_epoch=chunk, initial_epoch=step // every,
+                    stream, steps_per_epoch=chunk * micro, initial_epoch=step // every,
                     epochs=step // every + 1, verbose=args.verbose, callbacks=callbacks,
                 )
                 step += chunk

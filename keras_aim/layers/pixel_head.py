@@ -7,7 +7,7 @@ from keras import ops
 
 from keras_aim.layers.mlp import AIMMLP
 from keras_aim.layers.position_embedding import sincos_2d_position_embedding
-from keras_aim.layers.remat import block_remat_scope
+from keras_aim.layers.remat import make_blocks
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -107,18 +107,13 @@ class AIMPixelHead(keras.layers.Layer):
         self.input_proj = keras.layers.Dense(
             width, dtype=self.dtype_policy, name="input_proj"
         )
-        block_names = [f"block_{i}" for i in range(depth)]
-        with block_remat_scope(remat, block_names):
-            self.blocks = [
-                AIMPixelHeadBlock(
-                    width,
-                    mlp_ratio,
-                    layer_norm_epsilon,
-                    dtype=self.dtype_policy,
-                    name=name,
-                )
-                for name in block_names
-            ]
+        self.blocks = make_blocks(
+            depth,
+            remat,
+            lambda name: AIMPixelHeadBlock(
+                width, mlp_ratio, layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            ),
+        )
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
         )

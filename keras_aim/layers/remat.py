@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import keras
 
 
-def block_remat_scope(enabled: bool, block_names: list[str]):
-    """A scope to create blocks in: with `enabled`, each layer named in
-    `block_names` recomputes its forward pass during backpropagation instead
-    of keeping its intermediate activations (`keras.RematScope`); only the
-    block inputs stay in memory. A no-op scope otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return keras.RematScope(mode="list_of_layers", layer_names=list(block_names))
+def make_blocks(count: int, remat: bool, make_block: Callable[[str], keras.layers.Layer]) -> list:
+    """`count` blocks `make_block("block_0")`, `make_block("block_1")`, ...
+
+    With `remat`, each block recomputes its forward pass during
+    backpropagation instead of keeping its intermediate activations
+    (`keras.RematScope`); only the block inputs stay in memory.
+    """
+    names = [f"block_{i}" for i in range(count)]
+    scope = (
+        keras.RematScope(mode="list_of_layers", layer_names=names)
+        if remat
+        else contextlib.nullcontext()
+    )
+    with scope:
+        return [make_block(name) for name in names]
