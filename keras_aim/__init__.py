@@ -10,7 +10,7 @@ from keras_aim.preprocessing import (
     AIMImageConverter,
 )
 from keras_aim.presets import AIM_PRESETS, trunk_parameter_count
-from keras_aim import losses
+from keras_aim import distribution, losses
 from keras_aim.pretrainer import AIMPretrainer, pretraining_optimizer
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "AIMPretrainer",
     "WeightLoadingError",
     "__version__",
+    "distribution",
     "layers",
     "load_official_weights",
     "losses",

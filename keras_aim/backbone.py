@@ -10,6 +10,7 @@ from keras_hub.models import Backbone
 from keras_aim.initialization import variables_to_be_overwritten, zeros_while_loading
 from keras_aim.memory import limit_heap_fragmentation
 from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
+from keras_aim.layers.remat import make_blocks
 from keras_aim.layers import (
     AIMPatchEmbedding,
     AIMSinCosPositionEmbedding,
@@ -41,6 +42,9 @@ class AIMBackbone(Backbone):
         mlp_ratio: MLP hidden width as a multiple of D.
         layer_norm_epsilon: epsilon of every LayerNorm (1e-6 for the released
             weights; the training code uses 1e-5).
+        remat: recompute each transformer block in the backward pass instead
+            of storing its activations (saves memory in training; same
+            results).
         dtype: dtype policy of the layers, e.g. `"bfloat16"`.
 
     Example:
@@ -60,6 +64,7 @@ class AIMBackbone(Backbone):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         layer_norm_epsilon: float = 1e-6,
+        remat: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -80,17 +85,13 @@ class AIMBackbone(Backbone):
         self.flatten_grid = keras.layers.Reshape(
             (-1, hidden_dim), dtype=dtype, name="flatten_grid"
         )
-        self.blocks = [
-            AIMTransformerBlock(
-                hidden_dim,
-                num_heads,
-                mlp_ratio,
-                layer_norm_epsilon,
-                dtype=dtype,
-                name=f"block_{i}",
-            )
-            for i in range(num_layers)
-        ]
+        self.blocks = make_blocks(
+            num_layers,
+            remat,
+            lambda name: AIMTransformerBlock(
+                hidden_dim, num_heads, mlp_ratio, layer_norm_epsilon, dtype=dtype, name=name
+            ),
+        )
         self.post_trunk_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=dtype, name="post_trunk_norm"
         )
@@ -104,6 +105,7 @@ class AIMBackbone(Backbone):
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.remat = remat
 
         # === Functional Model ===
         inputs = keras.Input(shape=image_shape, name="images")
@@ -124,11 +126,16 @@ class AIMBackbone(Backbone):
         last = wanted[-1] if wanted else -1
         if final_norm:
             last = self.num_layers - 1
+        if self.remat and attention_mask is not None:
+            # TensorFlow's remat (recompute_grad) differentiates every input
+            # and takes none by keyword: the mask goes positionally, as 0/1
+            # floats (the attention casts it back).
+            attention_mask = keras.ops.cast(attention_mask, "float32")
         x = self.position_embedding(self.patch_embedding(images))
         x = self.flatten_grid(x)
         outputs = {}
         for i in range(last + 1):
-            x = self.blocks[i](x, attention_mask=attention_mask)
+            x = self.blocks[i](x, attention_mask)
             outputs[i] = x
         picked = [outputs[i] for i in block_indices]
         return (self.post_trunk_norm(x) if final_norm else None), picked
@@ -267,6 +274,21 @@ class AIMBackbone(Backbone):
 
     # --- Serialization ----------------------------------------------------
 
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name: str = "model",
+        data_parallel_dim_name: str = "batch",
+    ):
+        """`keras_aim.distribution.layout_map` (keras-hub's convention): the
+        `keras.distribution.LayoutMap` that splits the large kernels of the
+        trunk, pixel head and probe over `model_parallel_dim_name`."""
+        from keras_aim.distribution import layout_map
+
+        return layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -278,6 +300,7 @@ class AIMBackbone(Backbone):
                 "num_heads": self.num_heads,
                 "mlp_ratio": self.mlp_ratio,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "remat": self.remat,
             }
         )
         return config

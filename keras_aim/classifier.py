@@ -147,6 +147,9 @@ class AIMImageClassifier(ImageClassifier):
             self.backbone.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
 
+    # The same LayoutMap covers the trunk and the attentive probe.
+    get_layout_map = staticmethod(AIMBackbone.get_layout_map)
+
     def get_config(self):
         config = Task.get_config(self)
         config.update(

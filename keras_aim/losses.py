@@ -65,12 +65,22 @@ def next_patch_pixel_loss(images, predictions, prefix_lengths, patch_size: int):
         prefix_lengths: `(B,)` ints, the prefix length S of each image.
         patch_size: p.
     """
+    error_sum, count = next_patch_pixel_loss_terms(
+        images, predictions, prefix_lengths, patch_size
+    )
+    return error_sum / ops.maximum(count, 1.0)
+
+
+def next_patch_pixel_loss_terms(images, predictions, prefix_lengths, patch_size: int):
+    """The numerator and denominator of `next_patch_pixel_loss`: the summed
+    per-position errors of the counted targets, and their number (scalars).
+    Data-parallel replicas add both up across the global batch."""
     targets = normalized_patch_targets(images, patch_size)
     errors = ops.mean(
         ops.square(ops.cast(predictions[:, :-1], "float32") - targets[:, 1:]), axis=-1
     )
     mask = next_patch_target_mask(prefix_lengths, ops.shape(targets)[1])
-    return ops.sum(errors * mask) / ops.maximum(ops.sum(mask), 1.0)
+    return ops.sum(errors * mask), ops.sum(mask)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")

@@ -9,7 +9,7 @@ from keras_hub.models import Task
 from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMPixelHead, AIMPrefixSampler, prefix_causal_mask
 from keras_aim.losses import (
-    next_patch_pixel_loss,
+    next_patch_pixel_loss_terms,
     patchify,
     unpatchify,
     PATCH_NORM_EPSILON,
@@ -27,11 +27,15 @@ def pretraining_optimizer(
     warmup_start: float = 1e-6,
     weight_decay: float = 0.05,
     global_clipnorm: float = 1.0,
+    gradient_accumulation_steps: int | None = None,
 ) -> keras.optimizers.Optimizer:
     """The paper's optimizer: AdamW (0.9, 0.95, eps 1e-8), weight decay 0.05
     except biases and norms, global-norm clipping 1.0; with `total_steps`,
     linear warmup from 1e-6 over the first 2.5% then cosine decay to 0,
-    else a constant learning rate."""
+    else a constant learning rate. With `gradient_accumulation_steps=n`
+    (>= 2), the weights change every n-th step with the mean gradient of
+    the last n batches (Keras' own accumulation); the schedule counts every
+    step, so give `total_steps` in steps, not in updates."""
     schedule = learning_rate
     if total_steps:
         if total_steps < 2:
@@ -51,6 +55,7 @@ def pretraining_optimizer(
         beta_2=0.95,
         epsilon=1e-8,
         global_clipnorm=global_clipnorm,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
     return optimizer
@@ -115,6 +120,7 @@ class AIMPretrainer(Task):
             depth=pixel_head_depth,
             mlp_ratio=pixel_head_mlp_ratio,
             layer_norm_epsilon=pixel_head_layer_norm_epsilon,
+            remat=getattr(backbone, "remat", False),
             dtype=backbone.dtype_policy,
             name="pixel_head",
         )
@@ -156,12 +162,20 @@ class AIMPretrainer(Task):
         super().compile(optimizer=optimizer, **kwargs)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kwargs):
-        loss = next_patch_pixel_loss(
+        error_sum, count = next_patch_pixel_loss_terms(
             x,
             y_pred["predictions"],
             y_pred["prefix_lengths"],
             self.backbone.patch_size,
         )
+        if keras.config.backend() == "tensorflow":
+            # Under MirroredStrategy each replica sees part of the batch and
+            # the gradients are summed: normalize by the global target count
+            # so that the sum is the single-device loss.
+            from keras_aim.distribution_tf import sum_over_replicas
+
+            count = sum_over_replicas(ops.stop_gradient(count))
+        loss = error_sum / ops.maximum(count, 1.0)
         if self.losses:
             loss = loss + ops.sum(ops.stack(self.losses))
         return loss
@@ -191,6 +205,9 @@ class AIMPretrainer(Task):
         predicted = ops.cast(predictions[:, :-1], "float32") * std[:, 1:] + mean[:, 1:]
         patches = ops.concatenate([patches[:, :1], predicted], axis=1)
         return unpatchify(patches, p, self.grid, self.backbone.image_shape[-1])
+
+    # The same LayoutMap covers the trunk and the pixel head.
+    get_layout_map = staticmethod(AIMBackbone.get_layout_map)
 
     def get_config(self):
         config = super().get_config()

@@ -3,13 +3,21 @@
     python recipes/pretrain.py --config tiny --workdir runs/tiny
     python recipes/pretrain.py --config tiny --workdir runs/tiny --resume
     python recipes/pretrain.py --config aim_600m --workdir gs://... --data tfds:imagenet2012
+    python recipes/pretrain.py --config aim_7b --mesh 16x8 --multi-host --remat ...
 
 Configs live in recipes/configs/ (one per experiment). The run directory
 gets checkpoints (every `checkpoint_every` steps and on Ctrl-C / SIGTERM),
 log.csv, tensorboard/ and, at the end, the trained trunk as a keras-hub
 preset in backbone/. `--resume` continues from the newest checkpoint with
 the same step, optimizer state, learning-rate schedule, random state and
-data order, so the result equals an uninterrupted run.
+data order, so the result equals an uninterrupted run (with the same
+--mesh and --accumulate).
+
+--mesh BATCHxMODEL splits the global batch over BATCH and the large
+kernels over MODEL devices (keras.distribution on JAX; MirroredStrategy
+data parallelism on TensorFlow). With --accumulate N each weight update
+averages the gradients of N micro-batches of batch_size/N images; --steps
+and checkpoints count weight updates.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from common import build_pretrainer  # noqa: E402
+from common import (  # noqa: E402
+    add_distribution_arguments,
+    build_pretrainer,
+    setup_distribution,
+)
 from configs import NAMES, load  # noqa: E402
 
 
@@ -40,11 +52,15 @@ def parse_args(argv=None):
         "--data", help="digits | tfds:NAME[:SPLIT] | folder:PATH (override)"
     )
     parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    add_distribution_arguments(parser)
     return parser.parse_args(argv)
 
 
-def validate(config: dict, num_devices: int) -> None:
-    """Raises ValueError naming the bad setting and the fix."""
+def validate(config: dict, mesh, accumulate: int = 1) -> None:
+    """Raises ValueError naming the bad setting and the fix; `mesh` is a
+    `keras_aim.distribution.Mesh` (or its "BATCHxMODEL" string)."""
+    from keras_aim.distribution import check_batch_divisible, parse_mesh
+
     size, patch = config["image_size"], config["patch_size"]
     if size % patch:
         raise ValueError(
@@ -53,21 +69,11 @@ def validate(config: dict, num_devices: int) -> None:
         )
     if (size // patch) ** 2 < 2:
         raise ValueError("Pre-training needs at least 2 patches per image.")
-    if config["batch_size"] % num_devices:
-        raise ValueError(
-            f"batch_size {config['batch_size']} is not divisible by the "
-            f"{num_devices} devices; use a multiple of {num_devices}."
-        )
+    if isinstance(mesh, str):
+        mesh = parse_mesh(mesh)
+    check_batch_divisible(config["batch_size"], mesh, accumulate)
     if config["total_steps"] < 2 or config["checkpoint_every"] < 1:
         raise ValueError("total_steps must be >= 2 and checkpoint_every >= 1.")
-
-
-def device_count() -> int:
-    import keras
-
-    if keras.backend.backend() == "jax":
-        return len(keras.distribution.list_devices())
-    return 1
 
 
 def image_source(spec: str, seed: int):
@@ -88,11 +94,26 @@ def main(argv=None) -> int:
         if value is not None:
             config["total_steps" if key == "steps" else key] = value
 
+    from keras_aim.distribution import DistributionUnavailableError, parse_mesh
+
+    validate(config, parse_mesh(args.mesh), args.accumulate)
+    try:
+        training = setup_distribution(args, config["batch_size"])
+    except DistributionUnavailableError as error:
+        raise SystemExit(f"error: {error}")
+    # With --accumulate N, fit sees N micro-batches per optimizer update;
+    # steps and checkpoints count updates, the learning-rate schedule counts
+    # micro-batches (as Keras' optimizer does).
+    config["batch_size"] = training.micro_batch_size
+    micro = training.accumulate
+    if training.mesh.num_devices > 1:
+        print(f"mesh {training.mesh}: {training.micro_batch_size // training.mesh.batch} "
+              "images per batch-axis device per step", flush=True)
+
     import keras
 
     from keras_aim import checkpointing, data
 
-    validate(config, device_count())
     checkpoints = os.path.join(args.workdir, "checkpoints")
     existing = checkpointing.list_checkpoints(checkpoints)
     if existing and not args.resume:
@@ -103,43 +124,49 @@ def main(argv=None) -> int:
     keras.mixed_precision.set_global_policy(config["precision"])
     keras.utils.set_random_seed(args.seed)
 
-    pretrainer = build_pretrainer(config, args.seed)
-    step = 0
-    if existing:
-        step = checkpointing.restore_checkpoint(pretrainer, existing[-1])
-        print(f"resumed from {existing[-1]} at step {step}")
-    images = image_source(config["data"], args.seed)
+    # Variables are created (and restored) already sharded in the scope;
+    # fit runs under it too.
+    with training.scope():
+        pretrainer = build_pretrainer(
+            {**config, "total_steps": config["total_steps"] * micro}, args.seed,
+            training.remat, training.gradient_accumulation_steps,
+        )
+        step = 0
+        if existing:
+            step = checkpointing.restore_checkpoint(pretrainer, existing[-1])
+            print(f"resumed from {existing[-1]} at step {step}")
+        images = image_source(config["data"], args.seed)
 
-    # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    callbacks = [
-        keras.callbacks.CSVLogger(os.path.join(args.workdir, "log.csv"), append=True),
-        keras.callbacks.TensorBoard(os.path.join(args.workdir, "tensorboard")),
-    ]
-    start = time.perf_counter()
-    total, every = config["total_steps"], config["checkpoint_every"]
-    try:
-        while step < total:
-            chunk = min(every - step % every, total - step)
-            stream = data.pretraining_dataset(
-                images, config["batch_size"], config["image_size"],
-                config["augmentation"], seed=args.seed, start_step=step,
-            )
-            pretrainer.fit(
-                stream, steps_per_epoch=chunk, initial_epoch=step // every,
-                epochs=step // every + 1, verbose=args.verbose, callbacks=callbacks,
-            )
-            step += chunk
+        # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        callbacks = [
+            keras.callbacks.CSVLogger(os.path.join(args.workdir, "log.csv"), append=True),
+            keras.callbacks.TensorBoard(os.path.join(args.workdir, "tensorboard")),
+        ]
+        start = time.perf_counter()
+        total, every = config["total_steps"], config["checkpoint_every"]
+        try:
+            while step < total:
+                chunk = min(every - step % every, total - step)
+                stream = data.pretraining_dataset(
+                    images, config["batch_size"], config["image_size"],
+                    config["augmentation"], seed=args.seed, start_step=step * micro,
+                )
+                pretrainer.fit(
+                    stream, steps_per_epoch=chunk * micro, initial_epoch=step // every,
+                    epochs=step // every + 1, verbose=args.verbose, callbacks=callbacks,
+                )
+                step += chunk
+                path = checkpointing.save_checkpoint(pretrainer, checkpoints)
+                print(f"step {step}/{total}: checkpoint {path}", flush=True)
+        except KeyboardInterrupt:
             path = checkpointing.save_checkpoint(pretrainer, checkpoints)
-            print(f"step {step}/{total}: checkpoint {path}", flush=True)
-    except KeyboardInterrupt:
-        path = checkpointing.save_checkpoint(pretrainer, checkpoints)
-        print(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
-        return 130
-    pretrainer.backbone.save_to_preset(os.path.join(args.workdir, "backbone"))
-    print(f"done: {total} steps in {time.perf_counter() - start:.0f} s; trunk "
-          f"saved to {os.path.join(args.workdir, 'backbone')}")
-    return 0
+            print(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
+            return 130
+        pretrainer.backbone.save_to_preset(os.path.join(args.workdir, "backbone"))
+        print(f"done: {total} steps in {time.perf_counter() - start:.0f} s; trunk "
+              f"saved to {os.path.join(args.workdir, 'backbone')}")
+        return 0
 
 
 if __name__ == "__main__":

@@ -37,3 +37,121 @@ def test_data_parallel_classifier_matches_single_device(reference):
         logits = parallel.predict(images, batch_size=8, verbose=0)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     np.testing.assert_allclose(logits, np.concatenate([reference["logits"]] * 3)[:8], atol=1e-4)
+
+
+# --- keras_aim.distribution: layouts, training steps, presets -------------
+
+needs_8_devices = pytest.mark.skipif(
+    len(_devices()) < 8,
+    reason="needs JAX with XLA_FLAGS=--xla_force_host_platform_device_count=8",
+)
+PIXEL_HEAD = dict(pixel_head_width=32, pixel_head_depth=2)
+
+
+def _tiny_pretrainer(seed=0):
+    from tests.conftest import make_tiny_backbone
+
+    pretrainer = keras_aim.AIMPretrainer(make_tiny_backbone(), seed=seed, **PIXEL_HEAD)
+    # The paper's AdamW, clipping and weight decay at a constant 1e-3. (Adam's
+    # first step is ~lr * sign(gradient): near-zero gradients, summed in a
+    # different order on a mesh, can move by up to lr * their relative noise.)
+    pretrainer.compile(optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3))
+    return pretrainer
+
+
+def _partition(variable) -> tuple:
+    """The mesh axis of each dimension of a variable's (JAX) array."""
+    spec = tuple(variable.value.sharding.spec)
+    return spec + (None,) * (len(variable.shape) - len(spec))
+
+
+def _assert_sharded_as_promised(variables, layouts):
+    sharded = 0
+    for variable in variables:
+        layout = layouts[variable.path]
+        expected = tuple(layout.axes) if layout else (None,) * len(variable.shape)
+        assert _partition(variable) == expected, variable.path
+        if int(np.prod(variable.shape)) > 1024:  # nothing large is replicated
+            assert "model" in expected, variable.path
+            sharded += 1
+    return sharded
+
+
+@needs_8_devices
+def test_every_large_variable_is_sharded_as_the_layout_map_promises(reference):
+    distribution = keras_aim.distribution.distribution_for_mesh("2x4", _devices())
+    layouts = distribution._layout_map
+    with distribution.scope():
+        pretrainer = _tiny_pretrainer()
+        classifier = make_tiny_classifier()
+        pretrainer.train_on_batch(np.random.default_rng(0).normal(size=(8, 32, 32, 3)))
+    # trunk (4 x qkv, proj, fc1, fc2 + patch kernel) + pixel head (2 x fc1,
+    # fc2 + in/out projections)
+    assert _assert_sharded_as_promised(pretrainer.weights, layouts) == 4 * 4 + 1 + 2 * 2 + 2
+    # trunk + probe k, v, linear is small (640) but sharded too
+    assert _assert_sharded_as_promised(classifier.weights, layouts) == 4 * 4 + 1 + 2
+    assert _partition(classifier.get_layer("probe").linear.kernel) == ("model", None)
+    # AdamW's moments follow their variables' layouts.
+    qkv = pretrainer.backbone.blocks[0].attn.qkv.kernel
+    moments = [v for v in pretrainer.optimizer.variables if v.shape == qkv.shape]
+    assert moments and all(_partition(m) == (None, "model") for m in moments)
+
+
+_SINGLE_DEVICE_STEP = {}
+
+
+def _single_device_step(images):
+    """Initial weights, loss and weights after one step on one device."""
+    if not _SINGLE_DEVICE_STEP:
+        pretrainer = _tiny_pretrainer()
+        initial = [to_numpy(w) for w in pretrainer.weights]
+        loss = float(pretrainer.train_on_batch(images))
+        _SINGLE_DEVICE_STEP.update(
+            initial=initial, loss=loss,
+            updated=[to_numpy(w) for w in pretrainer.weights],
+        )
+    return _SINGLE_DEVICE_STEP
+
+
+@needs_8_devices
+@pytest.mark.parametrize("mesh", ["8x1", "2x4", "1x8"])
+def test_one_training_step_matches_a_single_device(mesh):
+    images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
+    expected = _single_device_step(images)
+    distribution = keras_aim.distribution.distribution_for_mesh(mesh, _devices())
+    expected_type = "DataParallel" if mesh == "8x1" else "ModelParallel"
+    assert type(distribution).__name__ == expected_type
+    with distribution.scope():
+        pretrainer = _tiny_pretrainer()
+        pretrainer.set_weights(expected["initial"])
+        loss = float(pretrainer.train_on_batch(images))
+    np.testing.assert_allclose(loss, expected["loss"], rtol=1e-5)
+    for weight, updated in zip(pretrainer.weights, expected["updated"]):
+        np.testing.assert_allclose(to_numpy(weight), updated, atol=1e-5, err_msg=weight.path)
+
+
+@needs_8_devices
+def test_preset_loaded_in_the_scope_is_sharded(tmp_path, tiny_backbone):
+    tiny_backbone.save_to_preset(str(tmp_path / "preset"))
+    distribution = keras_aim.distribution.distribution_for_mesh("2x4", _devices())
+    with distribution.scope():
+        loaded = keras_aim.AIMBackbone.from_preset(str(tmp_path / "preset"))
+    layouts = keras_aim.AIMBackbone.get_layout_map(distribution.device_mesh)
+    assert _assert_sharded_as_promised(loaded.weights, layouts) == 4 * 4 + 1
+    for weight, original in zip(loaded.weights, tiny_backbone.weights):
+        np.testing.assert_array_equal(to_numpy(weight), to_numpy(original))
+
+
+@needs_8_devices
+def test_recipe_rejects_an_indivisible_batch_before_computing(monkeypatch, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "recipes")]
+    import pretrain
+
+    monkeypatch.setattr(pretrain, "build_pretrainer", lambda *a: pytest.fail("built"))
+    with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 batch-axis"):
+        pretrain.main(["--config", "tiny", "--workdir", str(tmp_path),
+                       "--mesh", "8x1", "--batch-size", "12"])
+    assert not list(tmp_path.iterdir())

@@ -78,14 +78,14 @@ def test_existing_run_needs_resume(tmp_path):
     "changes,message",
     [
         (dict(image_size=18), "image_size 18 is not a multiple of patch_size 4; use 16 or 20"),
-        (dict(batch_size=30), "batch_size 30 is not divisible by the 8 devices"),
+        (dict(batch_size=30), "batch size 30 is not divisible by the 8 batch-axis devices"),
         (dict(total_steps=1), "total_steps must be >= 2"),
     ],
 )
 def test_invalid_configs_are_named(changes, message):
     config = {**load("tiny"), **changes}
     with pytest.raises(ValueError, match=message):
-        pretrain.validate(config, num_devices=8)
+        pretrain.validate(config, "8x1")
 
 
 def test_paper_configs_follow_the_spec():
@@ -94,7 +94,7 @@ def test_paper_configs_follow_the_spec():
     assert config["batch_size"] == 4096 and config["total_steps"] == 1_200_000
     assert config["precision"] == "mixed_bfloat16"
     assert load("aim_600m")["total_steps"] == 500_000
-    pretrain.validate(config, num_devices=8)
+    pretrain.validate(config, "8x1")
 
 
 @pytest.mark.slow

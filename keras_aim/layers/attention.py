@@ -104,7 +104,7 @@ class AIMAttention(keras.layers.Layer):
     Call arguments:
         x: `(batch, N, D)` tokens.
         attention_mask: optional boolean mask broadcastable to
-            `(batch, num_heads, N, N)`; `True` means "may attend".
+            `(batch, num_heads, N, N)`; `True` (or 1) means "may attend".
 
     Returns:
         `(batch, N, D)`.
@@ -140,6 +140,8 @@ class AIMAttention(keras.layers.Layer):
             self.qkv(x), (batch, length, 3, self.num_heads, self.head_dim)
         )
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
+        if attention_mask is not None:
+            attention_mask = ops.cast(attention_mask, "bool")  # may be 0/1
         out = ops.dot_product_attention(
             q, k, v, mask=attention_mask, flash_attention=self.flash_attention
         )

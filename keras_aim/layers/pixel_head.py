@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_aim.layers.mlp import AIMMLP
 from keras_aim.layers.position_embedding import sincos_2d_position_embedding
+from keras_aim.layers.remat import make_blocks
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -48,6 +49,7 @@ class AIMPixelHeadBlock(keras.layers.Layer):
                 "width": self.width,
                 "mlp_ratio": self.mlp_ratio,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "remat": self.remat,
             }
         )
         return config
@@ -70,6 +72,8 @@ class AIMPixelHead(keras.layers.Layer):
         depth: number of blocks (12 in the paper).
         mlp_ratio: MLP hidden width as a multiple of `width`.
         layer_norm_epsilon: LayerNorm epsilon (1e-5 in the training code).
+        remat: recompute each block in the backward pass instead of storing
+            its activations.
 
     Call arguments:
         tokens: `(B, N, D)` post_trunk_norm tokens in raster order.
@@ -88,9 +92,11 @@ class AIMPixelHead(keras.layers.Layer):
         depth: int = 12,
         mlp_ratio: float = 4.0,
         layer_norm_epsilon: float = 1e-5,
+        remat: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = remat
         self.patch_size = patch_size
         self.num_channels = num_channels
         self.width = width
@@ -101,16 +107,13 @@ class AIMPixelHead(keras.layers.Layer):
         self.input_proj = keras.layers.Dense(
             width, dtype=self.dtype_policy, name="input_proj"
         )
-        self.blocks = [
-            AIMPixelHeadBlock(
-                width,
-                mlp_ratio,
-                layer_norm_epsilon,
-                dtype=self.dtype_policy,
-                name=f"block_{i}",
-            )
-            for i in range(depth)
-        ]
+        self.blocks = make_blocks(
+            depth,
+            remat,
+            lambda name: AIMPixelHeadBlock(
+                width, mlp_ratio, layer_norm_epsilon, dtype=self.dtype_policy, name=name
+            ),
+        )
         self.final_norm = keras.layers.LayerNormalization(
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
         )
@@ -156,6 +159,7 @@ class AIMPixelHead(keras.layers.Layer):
                 "depth": self.depth,
                 "mlp_ratio": self.mlp_ratio,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "remat": self.remat,
             }
         )
         return config

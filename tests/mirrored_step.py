@@ -1,0 +1,52 @@
+"""One pre-training step under tf.distribute.MirroredStrategy on 2 logical
+CPU devices and on one device; prints both losses and the largest weight
+difference as JSON. Run in its own process (TensorFlow backend): the CPU
+must be split before TensorFlow starts."""
+
+import json
+import os
+import sys
+
+os.environ["KERAS_BACKEND"] = "tensorflow"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from keras_aim import distribution_tf  # noqa: E402
+
+distribution_tf.split_cpu(2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_aim  # noqa: E402
+from tests.conftest import make_tiny_backbone  # noqa: E402
+
+
+def one_step(images, initial=None):
+    pretrainer = keras_aim.AIMPretrainer(
+        make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0
+    )
+    # Without clipping: Keras clips each replica's gradients before the
+    # all-reduce (see the README), which would make the updates differ.
+    pretrainer.compile(
+        optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=None)
+    )
+    if initial is not None:
+        pretrainer.set_weights(initial)
+    before = [keras.ops.convert_to_numpy(w) for w in pretrainer.weights]
+    loss = float(pretrainer.train_on_batch(images))
+    return before, loss, [keras.ops.convert_to_numpy(w) for w in pretrainer.weights]
+
+
+images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
+initial, single_loss, single_after = one_step(images)
+strategy = distribution_tf.mirrored_strategy(2)
+with strategy.scope():
+    _, mirrored_loss, mirrored_after = one_step(images, initial)
+print(json.dumps({
+    "replicas": strategy.num_replicas_in_sync,
+    "single_loss": single_loss,
+    "mirrored_loss": mirrored_loss,
+    "max_weight_difference": max(
+        float(np.max(np.abs(a - b))) for a, b in zip(single_after, mirrored_after)
+    ),
+}))
