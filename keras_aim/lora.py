@@ -58,6 +58,7 @@ def fit_lora(
     weight_decay: float = 0.05,
     callbacks=(),
     verbose: int = 0,
+    gradient_accumulation_steps: int | None = None,
 ):
     """Fits a classifier whose trunk has adapters (`backbone.enable_lora`:
     the trunk frozen but its adapters, the probe trainable) on `train`,
@@ -68,6 +69,9 @@ def fit_lora(
     if not getattr(classifier.backbone, "_lora_enabled_layers", None):
         raise ValueError("The trunk has no adapters; call backbone.enable_lora(rank) first.")
     classifier.compile(
-        optimizer=adamw_warmup_cosine(learning_rate, epochs * steps_per_epoch, weight_decay)
+        optimizer=adamw_warmup_cosine(
+            learning_rate, epochs * steps_per_epoch, weight_decay,
+            gradient_accumulation_steps,
+        )
     )
     return classifier.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))

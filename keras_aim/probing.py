@@ -151,16 +151,23 @@ def _read_cache_entry(entry: str, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def adamw_warmup_cosine(
-    learning_rate: float, total_steps: int, weight_decay: float = 0.05
+    learning_rate: float,
+    total_steps: int,
+    weight_decay: float = 0.05,
+    gradient_accumulation_steps: int | None = None,
 ) -> keras.optimizers.AdamW:
     """AdamW whose rate rises linearly from 0 over the first 10% of
-    `total_steps`, then follows a cosine decay to 0 (probes, LoRA)."""
+    `total_steps` (batches, accumulated or not), then follows a cosine decay
+    to 0 (probes, LoRA)."""
     warmup = max(1, total_steps // 10)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, total_steps - warmup), warmup_target=learning_rate,
         warmup_steps=warmup,
     )
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    return keras.optimizers.AdamW(
+        schedule, weight_decay=weight_decay,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )
 
 
 def train_attentive_probe(
@@ -175,6 +182,7 @@ def train_attentive_probe(
     seed: int = 0,
     verbose: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    gradient_accumulation_steps: int | None = None,
 ) -> keras.Model:
     """Trains an `AIMAttentionProbe` on features `(n, N, D)` (e.g. from
     `probe_features`) with AdamW and a warmup + cosine schedule. Returns a
@@ -198,7 +206,9 @@ def train_attentive_probe(
     model = keras.Model(inputs, probe(inputs))
     steps = epochs * int(np.ceil(len(labels) / batch_size))
     model.compile(
-        optimizer=adamw_warmup_cosine(learning_rate, steps, weight_decay),
+        optimizer=adamw_warmup_cosine(
+            learning_rate, steps, weight_decay, gradient_accumulation_steps
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

@@ -21,7 +21,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+from common import add_distribution_arguments, setup_distribution  # noqa: E402
 
 DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
 
@@ -53,11 +56,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted run in --out")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity")
+    add_distribution_arguments(parser)
 
 
 def start_run(args):
-    """Checks the output directory (before any work) and sets the dtype
-    policy and seed; returns the fit callbacks."""
+    """Checks the output directory and the distribution options (before any
+    work) and sets the dtype policy and seed; returns the fit callbacks and
+    the `DistributedTraining` (build and fit inside its `scope()`)."""
     import keras
 
     from keras_aim.checkpointing import fit_callbacks
@@ -66,10 +71,11 @@ def start_run(args):
         raise ValueError(
             f"{args.out} holds the results of a finished run; choose another --out."
         )
+    training = setup_distribution(args, args.batch_size)
     callbacks = fit_callbacks(args.out, args.resume)
     keras.config.set_dtype_policy(args.dtype)
     keras.utils.set_random_seed(args.seed)
-    return callbacks
+    return callbacks, training
 
 
 def splits(args, image_size: int, train: bool = True):
@@ -135,16 +141,22 @@ def main(argv=None) -> int:
         parser.error("--evaluate-only and --head go together")
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # RuntimeError: DistributionUnavailableError (e.g. --mesh on PyTorch).
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
 def run(args) -> int:
+    callbacks, training = start_run(args)
+    with training.scope():
+        return train_or_evaluate(args, callbacks, training)
+
+
+def train_or_evaluate(args, callbacks, training) -> int:
     import keras_aim
     from keras_aim import probing
 
-    callbacks = start_run(args)
     if args.evaluate_only:
         classifier = classifier_with_head(args)
         backbone = classifier.backbone
@@ -157,7 +169,7 @@ def run(args) -> int:
                 "it on the data it was trained on."
             )
     else:
-        backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
+        backbone = keras_aim.AIMBackbone.from_preset(args.backbone, remat=training.remat)
         image_size = backbone.image_shape[0] or 224
         train_set, val_set = splits(args, image_size)
         classifier = keras_aim.AIMImageClassifier(
@@ -172,7 +184,8 @@ def run(args) -> int:
         )
         model = probing.train_attentive_probe(
             train_features, train_labels, classifier.num_classes, backbone.num_heads,
-            epochs=args.epochs, batch_size=args.batch_size,
+            epochs=args.epochs, batch_size=training.micro_batch_size,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
             learning_rate=args.learning_rate, seed=args.seed,
             verbose=args.verbose, callbacks=callbacks,
         )

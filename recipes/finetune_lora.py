@@ -42,12 +42,19 @@ def main(argv=None) -> int:
         parser.error("--out is required (adapters and probe are saved there)")
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # RuntimeError: DistributionUnavailableError (e.g. --mesh on PyTorch).
         print(f"error: {error}", file=sys.stderr)
         return 1
 
 
 def run(args) -> int:
+    callbacks, training = start_run(args)
+    with training.scope():
+        return finetune(args, callbacks, training)
+
+
+def finetune(args, callbacks, training) -> int:
     import keras_aim
     from keras_aim import data, probing
     from keras_aim.classifier import load_head
@@ -58,8 +65,7 @@ def run(args) -> int:
         save_merged_preset,
     )
 
-    callbacks = start_run(args)
-    backbone = keras_aim.AIMBackbone.from_preset(args.backbone)
+    backbone = keras_aim.AIMBackbone.from_preset(args.backbone, remat=training.remat)
     size = backbone.image_shape[0] or 224
     train_set, val_set = splits(args, size)
     classifier = keras_aim.AIMImageClassifier(
@@ -69,7 +75,7 @@ def run(args) -> int:
         load_head(classifier, args.init_probe)
     augmentation = args.augmentation or ("none" if args.data == "digits" else "aim")
     train = data.classification_dataset(
-        train_set.images, train_set.labels, args.batch_size, size, training=True,
+        train_set.images, train_set.labels, training.micro_batch_size, size, training=True,
         augmentation=augmentation, seed=args.seed, num_classes=train_set.num_classes,
     )
     val = data.classification_dataset(
@@ -82,9 +88,10 @@ def run(args) -> int:
     print(f"trainable: {lora_parameter_count(classifier):,} parameters "
           f"(adapters {adapters:,} = {adapters / trunk_params:.2%} of the trunk, "
           "plus the probe)")
-    steps = _batches_per_epoch(train_set, args.batch_size)
+    steps = _batches_per_epoch(train_set, training.micro_batch_size)
     fit_lora(classifier, train, args.epochs, steps, args.learning_rate,
-             callbacks=callbacks, verbose=args.verbose)
+             callbacks=callbacks, verbose=args.verbose,
+             gradient_accumulation_steps=training.gradient_accumulation_steps)
 
     logits, labels = probing.classifier_logits(classifier, val)
     top1 = probing.topk_accuracy(logits, labels, 1)

@@ -3,7 +3,6 @@ benchmarks/torch_reference_aim.py computes what keras_aim computes."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import keras

@@ -14,7 +14,7 @@ import pytest
 import keras_aim
 from keras_aim import distribution
 from keras_aim.memory_plan import PretrainingShape, parameter_counts, plan_memory
-from tests.conftest import TINY_CONFIG, make_tiny_backbone, make_tiny_classifier, once_in_jax_pass, to_numpy
+from tests.conftest import make_tiny_backbone, make_tiny_classifier, once_in_jax_pass, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "recipes")]

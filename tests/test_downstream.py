@@ -336,3 +336,17 @@ def test_lora_recipe_in_mixed_precision_resumes_and_starts_from_a_probe(tmp_path
     assert {"adapters.lora.h5", "probe.weights.h5", "log.csv"} <= set(os.listdir(out))
     with open(out / "log.csv") as handle:
         assert len(handle.read().strip().splitlines()) == 2
+
+
+@pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch has no keras.distribution")
+def test_probe_recipes_refuse_a_mesh_on_pytorch(tmp_path, capsys):
+    import attentive_probe
+    import finetune_lora
+
+    keras_aim.AIMBackbone(**SMALL).save_to_preset(str(tmp_path / "trunk"))
+    common = ["--backbone", str(tmp_path / "trunk"), "--mesh", "2x1"]
+    assert attentive_probe.main(common) == 1
+    assert "not available with the 'torch' backend" in capsys.readouterr().err
+    assert finetune_lora.main(common + ["--out", str(tmp_path / "lora")]) == 1
+    assert "not available with the 'torch' backend" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()  # refused before anything was written

@@ -4,12 +4,17 @@ Run with KERAS_BACKEND=jax and
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (`.ci/run` does).
 """
 
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
 import keras_aim
 from tests.conftest import fixture_path, make_tiny_classifier, to_numpy
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "recipes")]
 
 pytestmark = pytest.mark.multi_device
 
@@ -144,10 +149,6 @@ def test_preset_loaded_in_the_scope_is_sharded(tmp_path, tiny_backbone):
 
 @needs_8_devices
 def test_recipe_rejects_an_indivisible_batch_before_computing(monkeypatch, tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "recipes")]
     import pretrain
 
     monkeypatch.setattr(pretrain, "build_pretrainer", lambda *a: pytest.fail("built"))
@@ -155,3 +156,24 @@ def test_recipe_rejects_an_indivisible_batch_before_computing(monkeypatch, tmp_p
         pretrain.main(["--config", "tiny", "--workdir", str(tmp_path),
                        "--mesh", "8x1", "--batch-size", "12"])
     assert not list(tmp_path.iterdir())
+
+
+@needs_8_devices
+def test_lora_recipe_trains_on_a_2x4_mesh_with_accumulation(tmp_path, capsys):
+    import finetune_lora
+
+    backbone = keras_aim.AIMBackbone(
+        image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2
+    )
+    backbone.save_to_preset(str(tmp_path / "trunk"))
+    assert finetune_lora.main([
+        "--backbone", str(tmp_path / "trunk"), "--out", str(tmp_path / "lora"),
+        "--epochs", "1", "--rank", "2", "--probe-layers", "0,1", "--verbose", "0",
+        "--mesh", "2x4", "--accumulate", "2", "--batch-size", "64",
+    ]) == 0
+    assert "LoRA r=2 fine-tuned probe: top-1 " in capsys.readouterr().out
+    assert finetune_lora.main([
+        "--backbone", str(tmp_path / "trunk"), "--out", str(tmp_path / "lora2"),
+        "--mesh", "2x4", "--batch-size", "63",
+    ]) == 1
+    assert "63" in capsys.readouterr().err
