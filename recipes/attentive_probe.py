@@ -139,18 +139,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.evaluate_only != (args.head is not None):
         parser.error("--evaluate-only and --head go together")
+    return run(args)
+
+
+def run(args) -> int:
+    return run_in_scope(args, train_or_evaluate)
+
+
+def run_in_scope(args, body) -> int:
+    """`body(args, callbacks, training)` inside the distribution scope; a bad
+    input is printed as `error: ...` and gives exit code 1."""
     try:
-        return run(args)
+        callbacks, training = start_run(args)
+        with training.scope():
+            return body(args, callbacks, training)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         # RuntimeError: DistributionUnavailableError (e.g. --mesh on PyTorch).
         print(f"error: {error}", file=sys.stderr)
         return 1
-
-
-def run(args) -> int:
-    callbacks, training = start_run(args)
-    with training.scope():
-        return train_or_evaluate(args, callbacks, training)
 
 
 def train_or_evaluate(args, callbacks, training) -> int:

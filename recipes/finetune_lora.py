@@ -23,7 +23,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from attentive_probe import add_run_arguments, splits, start_run  # noqa: E402
+from attentive_probe import add_run_arguments, run_in_scope, splits  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,18 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out is required (adapters and probe are saved there)")
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # RuntimeError: DistributionUnavailableError (e.g. --mesh on PyTorch).
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-def run(args) -> int:
-    callbacks, training = start_run(args)
-    with training.scope():
-        return finetune(args, callbacks, training)
+    return run_in_scope(args, finetune)
 
 
 def finetune(args, callbacks, training) -> int:
