@@ -33,7 +33,7 @@ CONFIG = dict(
     probe_epochs=60,
     lora_rank=8,
     lora_epochs=10,
-    lora_learning_rate=1e-4,
+    lora_learning_rate=1e-3,
     log_every=25,
 )
 
