@@ -29,7 +29,6 @@ from attentive_probe import add_run_arguments, run_in_scope, splits  # noqa: E40
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.set_defaults(learning_rate=1e-4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--merge", action="store_true")
