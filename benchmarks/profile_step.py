@@ -5,9 +5,15 @@ Uses the CPU config of `throughput.py` (or its size flags) and prints:
   JAX:      median times of the compiled pieces of the step: trunk forward
             (full attention), trunk + pixel head + loss forward (prefix-causal
             mask), forward + backward (gradients), and the whole
-            `train_on_batch` (plus clipping and the AdamW update).
-  PyTorch:  the torch.profiler operator table of one Keras inference call
-            and one Keras training step (self CPU time, top operators).
+            `train_on_batch` (plus clipping and the AdamW update); then the
+            compiled step's time by kind of XLA operation (matrix products,
+            transposing copies, other element-wise fusions), from a
+            `jax.profiler` trace, and its slowest operations.
+  PyTorch:  Keras' own cost per forward (`predict_on_batch`, a call under
+            `torch.inference_mode`, the plain PyTorch model of
+            `torch_reference_aim.py` on the same weights), then the
+            torch.profiler operator table of one Keras inference call and one
+            Keras training step (self CPU time, top operators).
 
     KERAS_BACKEND=jax python benchmarks/profile_step.py
     KERAS_BACKEND=torch python benchmarks/profile_step.py
@@ -17,9 +23,14 @@ A measurement, not a test.
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,16 +96,100 @@ def profile_jax(config: dict, images) -> list[tuple[str, float]]:
     host_images = jax.device_get(images)
     rows.append(("train_on_batch (+ clip, AdamW)",
                  _median_ms(lambda: pretrainer.train_on_batch(host_images), 3)))
-    return rows
+    return rows, lambda: pretrainer.train_on_batch(host_images)
+
+
+def operation_kind(name: str) -> str:
+    """The kind of an XLA:CPU thunk, from its name in the trace."""
+    base = name.split(".")[0]
+    if base.startswith(("ynn_fusion", "xnn_fusion", "onednn", "dot", "convolution")):
+        return "matrix products (dot, YNNPACK fusions, convolution)"
+    if base.startswith(("copy", "transpose")):
+        return "transposing copies (loop fusions that write a transpose)"
+    if "fusion" in base or base.startswith("wrapped_"):
+        return "other element-wise / reduction fusions"
+    return "runtime (transfers, waits)"
+
+
+def trace_by_kind(step, steps: int = 4):
+    """Per-step milliseconds of the XLA:CPU thunks of `step()`, by kind and
+    the slowest ones, from a `jax.profiler` trace (needs
+    `--xla_cpu_enable_xprof_traceme`, set by `main` before JAX starts)."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(steps):
+                step()
+        path = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)[0]
+        with gzip.open(path) as handle:
+            events = json.load(handle)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if (event.get("ph") != "X" or name.startswith(("$", "end:")) or "Execute" in name
+                or "Pjit" in name or "Await" in name):
+            continue
+        per_op[name] += event["dur"] / 1e3 / steps
+    kinds = collections.Counter()
+    for name, ms in per_op.items():
+        kinds[operation_kind(name)] += ms
+    return kinds, per_op
 
 
 def profile_torch(config: dict, images) -> str:
+    import keras
+    import torch
     from torch.profiler import profile
+
+    import torch_reference_aim as reference
 
     backbone, pretrainer = build(config)
     backbone.predict_on_batch(images)
     pretrainer.train_on_batch(images)
-    tables = []
+
+    plain = reference.TorchAIM(
+        image_size=config["image_size"], patch_size=config["patch_size"],
+        hidden_dim=config["hidden_dim"], num_layers=config["num_layers"],
+        num_heads=config["num_heads"], head_width=config["head_width"], head_depth=0)
+    reference.copy_keras_weights(plain, backbone)
+    plain.eval()
+    tensor = torch.from_numpy(images)
+    nchw = tensor.permute(0, 3, 1, 2).contiguous()
+
+    def keras_call():
+        with torch.inference_mode():
+            return backbone(tensor)
+
+    def plain_call():
+        with torch.inference_mode():
+            return plain(nchw)
+
+    def count_layer_calls() -> int:
+        calls = [0]
+        original = keras.layers.Layer.__call__
+
+        def counting(self, *args, **kwargs):
+            calls[0] += 1
+            return original(self, *args, **kwargs)
+
+        keras.layers.Layer.__call__ = counting
+        try:
+            keras_call()
+        finally:
+            keras.layers.Layer.__call__ = original
+        return calls[0]
+
+    forward = [
+        ("Keras predict_on_batch (NumPy in and out)",
+         _median_ms(lambda: backbone.predict_on_batch(images), 15)),
+        ("Keras call under torch.inference_mode", _median_ms(keras_call, 15)),
+        ("plain PyTorch model, same weights", _median_ms(plain_call, 15)),
+    ]
+    lines = [f"forward of the trunk ({count_layer_calls()} Keras layer calls per forward):"]
+    lines += [f"  {name:<44}{ms:>8.1f} ms" for name, ms in forward]
+    tables = ["\n".join(lines)]
     for name, step in (("inference", lambda: backbone.predict_on_batch(images)),
                        ("pre-training step", lambda: pretrainer.train_on_batch(images))):
         with profile() as recorded:
@@ -105,6 +200,10 @@ def profile_torch(config: dict, images) -> str:
 
 
 def main(argv=None) -> int:
+    if os.environ.get("KERAS_BACKEND", "jax") == "jax":
+        # Per-operation events in jax.profiler traces (before JAX starts).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_enable_xprof_traceme=true").strip()
     import keras
     import numpy as np
 
@@ -117,13 +216,22 @@ def main(argv=None) -> int:
     flops = throughput.step_flops(config)
     print(f"backend {backend}; config {config}")
     if backend == "jax":
-        rows = profile_jax(config, images)
+        rows, step = profile_jax(config, images)
         total = rows[-1][1]
         print(f"{'piece':<36}{'ms':>9}{'of step':>9}")
         for name, ms in rows:
             print(f"{name:<36}{ms:>9.1f}{100 * ms / total:>8.0f}%")
         print(f"(analytic: inference {flops['inference'] * config['batch_size'] / 1e9:.1f} "
               f"GFLOP, step {flops['train'] * config['batch_size'] / 1e9:.1f} GFLOP per batch)")
+        kinds, per_op = trace_by_kind(step)
+        traced = sum(kinds.values())
+        print(f"\ncompiled train step by kind of XLA operation (trace; {traced:.0f} ms "
+              "of thunks per step):")
+        for kind, ms in kinds.most_common():
+            print(f"  {kind:<60}{ms:>8.1f} ms{100 * ms / traced:>6.0f}%")
+        print("slowest operations:")
+        for name, ms in per_op.most_common(8):
+            print(f"  {name:<60}{ms:>8.1f} ms  ({operation_kind(name).split(' (')[0]})")
     elif backend == "torch":
         print(profile_torch(config, images))
     else:

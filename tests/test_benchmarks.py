@@ -14,6 +14,10 @@ from keras_aim.layers import prefix_causal_mask
 from keras_aim.losses import next_patch_pixel_loss
 from tests.conftest import needs_torch_backend, to_numpy
 
+needs_jax_backend = pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="XLA:CPU options: JAX pass only"
+)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # Small, but with every part: 2 blocks, 2 heads, a 2-block pixel head.
 CONFIG = dict(image_shape=(32, 32, 3), patch_size=8, hidden_dim=32, num_layers=2, num_heads=2)
@@ -150,11 +154,73 @@ def test_keras_worker_measures_this_backend(monkeypatch, capsys):
     assert len(result["train"]) == 1 and result["train"][0] > 0
     assert result["train_peak"] >= result["inference_peak"] > 0
 
-    rows = throughput.table_rows({target: result}, throughput.resolve_config(
-        throughput.parse_args(TINY_ARGS)), rate=1e9, peak=None)
+    config = throughput.resolve_config(throughput.parse_args(TINY_ARGS))
+    rows = throughput.table_rows({target: [result]}, config, rate=1e9, peak=None)
     assert [(r["target"], r["mode"]) for r in rows] == [(target, "inference"), (target, "train")]
     table = throughput.format_table(rows, markdown=True)
     assert table.count("\n") == 3 and target in table
+
+
+def test_table_reports_the_fastest_process_and_the_range(monkeypatch):
+    """Three processes per target, each the median of its runs: the row is
+    the fastest process (the ratio to PyTorch eager too), the range spans
+    the slowest and the fastest, the median over processes is kept."""
+    throughput = _throughput_module(monkeypatch)
+    config = throughput.resolve_config(throughput.parse_args(TINY_ARGS))  # batch 2
+
+    def process(*seconds):
+        return {"inference": list(seconds), "inference_peak": 1e9}
+
+    results = {"keras-jax": [process(0.1, 0.1, 0.9), process(0.4, 0.4), process(0.2, 0.2)],
+               "torch-eager": [process(0.25), process(0.5), process(0.8)]}
+    rows = throughput.table_rows(results, config, rate=1e9, peak=None)
+    jax_row = rows[0]
+    flops = throughput.step_flops(config)["inference"]
+    assert jax_row["processes"] == 3
+    assert jax_row["images_per_s"] == pytest.approx(2 / 0.1)  # 0.9 is one slow run
+    assert jax_row["of_matmul"] == pytest.approx(2 / 0.1 * flops / 1e9)
+    assert jax_row["of_matmul_min"] == pytest.approx(2 / 0.4 * flops / 1e9)
+    assert jax_row["of_matmul_median"] == pytest.approx(2 / 0.2 * flops / 1e9)
+    assert jax_row["vs_torch_eager"] == pytest.approx(2.5)
+    assert throughput.format_table(rows).splitlines()[1].split()[6].count("-") == 1
+
+
+def test_profile_sorts_xla_operations_by_kind(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_step
+
+    kinds = {name: profile_step.operation_kind(name).split(" (")[0] for name in (
+        "ynn_fusion.12", "dot.6", "convolution.1", "copy_bitcast_fusion.28",
+        "transpose_copy_fusion", "add_bitcast_fusion.3", "wrapped_broadcast", "DevicePut")}
+    assert kinds == {
+        "ynn_fusion.12": "matrix products", "dot.6": "matrix products",
+        "convolution.1": "matrix products", "copy_bitcast_fusion.28": "transposing copies",
+        "transpose_copy_fusion": "transposing copies",
+        "add_bitcast_fusion.3": "other element-wise / reduction fusions",
+        "wrapped_broadcast": "other element-wise / reduction fusions",
+        "DevicePut": "runtime"}
+
+
+@needs_jax_backend
+def test_every_swept_xla_flag_is_known_to_this_jaxlib(monkeypatch):
+    """An XLA_FLAGS entry this jaxlib does not know aborts the process, so
+    the sweep's flags are checked here as per-compilation options (which
+    raise instead); a made-up option must raise."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import xla_cpu_flags
+
+    def compile_with(name, value):
+        return jax.jit(lambda a: a * 2, compiler_options={name: value})(jnp.ones(3))
+
+    for flags, _ in xla_cpu_flags.FLAG_SETS[1:]:
+        for flag in flags.split():
+            name, value = flag.removeprefix("--").split("=", 1)
+            compile_with(name, {"true": True, "false": False}.get(value, value))
+    with pytest.raises(Exception, match="xla_cpu_made_up_option"):
+        compile_with("xla_cpu_made_up_option", True)
 
 
 @needs_torch_backend

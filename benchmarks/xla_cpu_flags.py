@@ -1,0 +1,97 @@
+"""Keras-JAX throughput under XLA:CPU's optional code paths (`XLA_FLAGS`).
+
+Runs `throughput.py`'s keras-jax target (inference and pre-training step,
+each in a fresh process) once per flag set below and prints a table of the
+fraction of the measured float32 matmul rate; the first row is XLA's
+default. It answers whether a compiler setting closes the gap of the JAX
+pre-training step (see the README's Performance section).
+
+    python benchmarks/xla_cpu_flags.py [--repeats N] [--markdown-out F] [size flags of throughput.py]
+
+A measurement, not a test. Flags this jaxlib does not know fail their row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import throughput  # noqa: E402
+
+# (flags, what they switch on). The defaults of jax 0.10 already send most
+# matrix products to YNNPACK ("ynn_fusion" thunks).
+FLAG_SETS = (
+    ("", "XLA's default"),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
+     "YNNPACK for dots with fused operands"),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+     "YNNPACK for every single dot"),
+    ("--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE",
+     "YNNPACK dots and element-wise"),
+    ("--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE",
+     "XNNPACK dots and element-wise"),
+    ("--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+     "XNNPACK greedy subgraphs"),
+    ("--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE",
+     "oneDNN dots and element-wise"),
+    ("--xla_cpu_use_onednn=true", "oneDNN rewrites"),
+    ("--xla_cpu_enable_fast_math=true", "fast math"),
+    ("--xla_cpu_experimental_enable_tiling_propagation=true", "tiling propagation"),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", "concurrency-optimized scheduler"),
+    ("--xla_cpu_use_fusion_emitters=false", "legacy loop emitters"),
+)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--markdown-out", default=None)
+    known, rest = parser.parse_known_args(argv)
+    args = throughput.parse_args(["--targets", "keras-jax", *rest])
+    config = throughput.resolve_config(args)
+    flops = throughput.step_flops(config)
+    rates = [throughput.matmul_rate()]
+    rows = []
+    base = os.environ.get("XLA_FLAGS", "")
+    try:
+        for flags, meaning in FLAG_SETS:
+            os.environ["XLA_FLAGS"] = f"{base} {flags}".strip()
+            processes = [throughput.measure_target("keras-jax", args)
+                         for _ in range(known.repeats)]
+            fine = [p for p in processes if "error" not in p]
+            speeds = {mode: max((config["batch_size"] / statistics.median(p[mode])
+                                 for p in fine if mode in p), default=None)
+                      for mode in args.modes}
+            error = next((p["error"][0] for p in processes if "error" in p), "")
+            rows.append((flags or "(none)", meaning, speeds, error))
+            print(f"{flags or '(none)'}: {error or 'ok'}", flush=True)
+    finally:
+        os.environ["XLA_FLAGS"] = base
+    rates.append(throughput.matmul_rate())
+    rate = max(rates)
+
+    header = ["XLA_FLAGS", "what", *(f"{mode} of matmul" for mode in args.modes)]
+    lines = []
+    for flags, meaning, speeds, error in rows:
+        cells = [f"`{flags}`" if flags != "(none)" else flags, meaning]
+        for mode in args.modes:
+            speed = speeds[mode]
+            cells.append(f"{100 * speed * flops[mode] / rate:.0f}%" if speed else
+                         f"failed: {error[:60]}")
+        lines.append(cells)
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table += ["| " + " | ".join(cells) + " |" for cells in lines]
+    note = (f"keras-jax, fastest of {known.repeats} process(es) per row; float32 matmul "
+            f"rate {rate / 1e9:.1f} GFLOP/s; {throughput._versions()}")
+    print("\n" + note + "\n" + "\n".join(table))
+    if known.markdown_out:
+        throughput._write_text(known.markdown_out, note + "\n\n" + "\n".join(table) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
