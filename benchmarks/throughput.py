@@ -437,6 +437,16 @@ def _write_text(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all-backends", action="store_true",
@@ -460,13 +470,13 @@ def parse_args(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak for --report-mfu (default: known GPUs, "
                              "or the measured matmul rate on a CPU)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=_at_least(1), default=3,
                         help="fresh processes per target, run in rounds over the targets; "
-                             "the table gives the median and the range over them")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--calls", type=int, default=4,
+                             "the table gives the fastest and the range over them")
+    parser.add_argument("--runs", type=_at_least(1), default=5)
+    parser.add_argument("--calls", type=_at_least(1), default=4,
                         help="inference calls per run (training steps: a quarter, at least 1)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=_at_least(0), default=2)
     parser.add_argument("--target-timeout", type=int, default=300)
     parser.add_argument("--csv", default=None)
     parser.add_argument("--markdown-out", default=None)
@@ -529,16 +539,16 @@ def main(argv=None) -> int:
         print(f"{target}: failed: {error}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv + ".tmp", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         os.replace(args.csv + ".tmp", args.csv)
-    if args.markdown_out:
+    if args.markdown_out and rows:
         text = "\n".join(f"{line}  " for line in notes) + "\n\n"
         _write_text(args.markdown_out, text + format_table(rows, True, args.report_mfu) + "\n")
-    if args.chart:
+    if args.chart and rows:
         write_chart(rows, args.chart, title)
     return 0 if measured else 1
 

@@ -48,7 +48,7 @@ FLAG_SETS = (
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=throughput._at_least(1), default=1)
     parser.add_argument("--markdown-out", default=None)
     known, rest = parser.parse_known_args(argv)
     args = throughput.parse_args(["--targets", "keras-jax", *rest])

@@ -185,6 +185,15 @@ def test_table_reports_the_fastest_process_and_the_range(monkeypatch):
     assert throughput.format_table(rows).splitlines()[1].split()[6].count("-") == 1
 
 
+def test_counts_below_one_are_refused(monkeypatch, capsys):
+    throughput = _throughput_module(monkeypatch)
+    for flag in ("--repeats", "--runs", "--calls"):
+        with pytest.raises(SystemExit):
+            throughput.parse_args([flag, "0"])
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+    assert throughput.parse_args(["--warmup", "0"]).warmup == 0
+
+
 def test_profile_sorts_xla_operations_by_kind(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import profile_step
