@@ -254,11 +254,6 @@ def save_probe(classifier, directory: str) -> str:
     return path
 
 
-def top1_accuracy(model: keras.Model, features: np.ndarray, labels: np.ndarray) -> float:
-    logits = model.predict(np.asarray(features, "float32"), batch_size=512, verbose=0)
-    return topk_accuracy(logits, labels, 1)
-
-
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the k largest logits."""
     logits, labels = np.asarray(logits), np.asarray(labels)

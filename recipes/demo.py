@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         model = probing.train_attentive_probe(
             features, y_train, 10, c["num_heads"], epochs=c["probe_epochs"], seed=args.seed
         )
-        return model, probing.top1_accuracy(model, test_features, y_test)
+        logits = probing.probe_logits(model, test_features)
+        return model, probing.topk_accuracy(logits, y_test, 1)
 
     trained_probe, pretrained_accuracy = probe(pretrainer.backbone)
     keras.utils.set_random_seed(args.seed + 1000)
