@@ -46,6 +46,22 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+
+def _load_atomic_files():
+    """keras_aim's write-then-rename helpers, loaded from their file: importing
+    the `keras_aim` package would load Keras and a backend into this parent
+    process, which stays framework-free (each target runs in its own)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_keras_aim_atomic_files", os.path.join(ROOT, "keras_aim", "atomic_files.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+atomic_file = _load_atomic_files().atomic_file
+
 KERAS_TARGETS = ("keras-jax", "keras-tensorflow", "keras-torch")
 TORCH_TARGETS = ("torch-eager", "torch-compile")
 ALL_TARGETS = KERAS_TARGETS + TORCH_TARGETS
@@ -425,16 +441,14 @@ def write_chart(rows: list[dict], path: str, title: str) -> None:
         axis.set_title("pre-training step" if mode == "train" else "inference")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
+    with atomic_file(path) as staging:
+        figure.savefig(staging, dpi=110)
+    plt.close(figure)
 
 
 def _write_text(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as handle:
+    with atomic_file(path) as staging, open(staging, "w") as handle:
         handle.write(text)
-    os.replace(temporary, path)
 
 
 def _at_least(minimum: int):
@@ -540,11 +554,10 @@ def main(argv=None) -> int:
     print(f"total {time.perf_counter() - started:.0f} s")
 
     if args.csv and rows:
-        with open(args.csv + ".tmp", "w", newline="") as handle:
+        with atomic_file(args.csv) as staging, open(staging, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(args.csv + ".tmp", args.csv)
     if args.markdown_out and rows:
         text = "\n".join(f"{line}  " for line in notes) + "\n\n"
         _write_text(args.markdown_out, text + format_table(rows, True, args.report_mfu) + "\n")

@@ -174,6 +174,8 @@ def _plot(curve, every, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from keras_aim.atomic_files import atomic_file
+
     steps = [every * (i + 1) for i in range(len(curve))]
     figure, axis = plt.subplots(figsize=(5, 3.2))
     axis.plot(steps, curve)
@@ -181,17 +183,16 @@ def _plot(curve, every, path):
     axis.set_ylabel("normalized-pixel loss")
     axis.set_title("AIM pre-training on digits")
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    with atomic_file(path) as staging:
+        figure.savefig(staging, dpi=120)
     plt.close(figure)
 
 
 def _write_json(path, payload):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
+    from keras_aim.atomic_files import atomic_file
+
+    with atomic_file(path) as staging, open(staging, "w") as handle:
         json.dump(payload, handle, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
