@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,21 +52,16 @@ def main(argv=None) -> int:
     known, rest = parser.parse_known_args(argv)
     args = throughput.parse_args(["--targets", "keras-jax", *rest])
     config = throughput.resolve_config(args)
-    flops = throughput.step_flops(config)
     rates = [throughput.matmul_rate()]
-    rows = []
+    measured = []  # (flags, meaning, worker results, first error)
     base = os.environ.get("XLA_FLAGS", "")
     try:
         for flags, meaning in FLAG_SETS:
             os.environ["XLA_FLAGS"] = f"{base} {flags}".strip()
             processes = [throughput.measure_target("keras-jax", args)
                          for _ in range(known.repeats)]
-            fine = [p for p in processes if "error" not in p]
-            speeds = {mode: max((config["batch_size"] / statistics.median(p[mode])
-                                 for p in fine if mode in p), default=None)
-                      for mode in args.modes}
             error = next((p["error"][0] for p in processes if "error" in p), "")
-            rows.append((flags or "(none)", meaning, speeds, error))
+            measured.append((flags, meaning, [p for p in processes if "error" not in p], error))
             print(f"{flags or '(none)'}: {error or 'ok'}", flush=True)
     finally:
         os.environ["XLA_FLAGS"] = base
@@ -76,12 +70,13 @@ def main(argv=None) -> int:
 
     header = ["XLA_FLAGS", "what", *(f"{mode} of matmul" for mode in args.modes)]
     lines = []
-    for flags, meaning, speeds, error in rows:
-        cells = [f"`{flags}`" if flags != "(none)" else flags, meaning]
-        for mode in args.modes:
-            speed = speeds[mode]
-            cells.append(f"{100 * speed * flops[mode] / rate:.0f}%" if speed else
-                         f"failed: {error[:60]}")
+    for flags, meaning, processes, error in measured:
+        # The fastest process per mode, as in throughput.py's table.
+        rows = throughput.table_rows({"keras-jax": processes}, config, rate, peak=None)
+        fraction = {row["mode"]: row["of_matmul"] for row in rows}
+        cells = [f"`{flags}`" if flags else "(none)", meaning]
+        cells += [f"{100 * fraction[mode]:.0f}%" if mode in fraction else
+                  f"failed: {error[:60]}" for mode in args.modes]
         lines.append(cells)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(cells) + " |" for cells in lines]
