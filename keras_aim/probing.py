@@ -21,17 +21,20 @@ from keras_aim.layers import AIMAttentionProbe
 
 
 def _feature_batches(backbone, images, block_indices, batch_size):
-    """Yields `(features (b, N, D) float32, labels (b,) or None)` per batch."""
+    """Yields `(features (b, N, D) float32, labels (b,) or None)` per batch;
+    raises once the data turns out to hold no images."""
     if isinstance(images, np.ndarray):
-        if len(images) == 0:
-            raise ValueError("No images to extract features from.")
         images = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    empty = True
     for batch in images:
         labels = None
         if isinstance(batch, (tuple, list)):
             batch, labels = batch[0], np.asarray(batch[1])
         features = backbone.extract_features(batch, list(block_indices))
+        empty = False
         yield keras.ops.convert_to_numpy(features).astype("float32"), labels
+    if empty:
+        raise ValueError("No images to extract features from: the data is empty.")
 
 
 def probe_features(
@@ -53,8 +56,6 @@ def probe_features(
         outputs.append(features)
         if batch_labels is not None:
             labels.append(batch_labels)
-    if not outputs:
-        raise ValueError("No images to extract features from: the data is empty.")
     features = np.concatenate(outputs)
     if not return_labels:
         return features
@@ -121,8 +122,6 @@ def cached_probe_features(
                 handle.write(features.tobytes())
                 labels.append(batch_labels)
                 count, shape = count + len(features), features.shape[1:]
-        if count == 0:
-            raise ValueError("No images to extract features from: the data is empty.")
         np.save(os.path.join(staging, "labels.npy"), np.concatenate(labels))
         meta = {"key": key, "shape": [count, *shape], "data": data_fingerprint,
                 "blocks": list(block_indices)}

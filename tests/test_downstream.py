@@ -96,6 +96,22 @@ def test_feature_cache_rebuilds_a_damaged_entry(tmp_path):
     np.testing.assert_array_equal(np.asarray(features), expected)
 
 
+def test_empty_data_is_refused_and_leaves_no_cache_entry(tmp_path):
+    """No images, as an array or as a dataset that yields nothing: a clear
+    error, and the feature cache keeps no entry (not even a staging one)."""
+    backbone = keras_aim.AIMBackbone(**SMALL)
+    no_batches = _digit_batches().take(0)
+    message = "No images to extract features from: the data is empty"
+    with pytest.raises(ValueError, match=message):
+        probing.probe_features(backbone, np.zeros((0, 16, 16, 3), "float32"), [1])
+    with pytest.raises(ValueError, match=message):
+        probing.probe_features(backbone, no_batches, [1], return_labels=True)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=message):
+        probing.cached_probe_features(backbone, no_batches, [1], str(cache), "d")
+    assert not cache.exists() or not os.listdir(cache)
+
+
 def test_data_fingerprints_follow_the_data(tmp_path):
     from PIL import Image
 
