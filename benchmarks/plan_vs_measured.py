@@ -1,4 +1,4 @@
-"""recipes/plan.py's memory figures against the measured peak of real
+"""recipes.plan's memory figures against the measured peak of real
 training steps (JAX, float32, one CPU device).
 
 Each configuration runs in a fresh process: imports and a first jitted op,
@@ -22,8 +22,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from keras_aim.models.aim.aim_presets import pretraining_architecture
+
+# aim_600m's widths; the depths vary per run.
+ARCH = pretraining_architecture("aim_600m")
 
 CHILD = r"""
 import json, os, sys
@@ -32,16 +34,19 @@ def status(field):
         line = next(l for l in f if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
 layers, depth, batch, remat = (int(a) for a in sys.argv[1:5])
+arch = json.loads(sys.argv[5])
 import numpy as np, keras, keras_aim
 keras.ops.convert_to_numpy(keras.ops.ones((4,)) * 2)  # starts XLA
 baseline = status("VmRSS")
+size = arch["image_size"]
 backbone = keras_aim.AIMBackbone(
-    image_shape=(224, 224, 3), patch_size=14, hidden_dim=1536,
-    num_layers=layers, num_heads=12, layer_norm_epsilon=1e-5, remat=bool(remat))
+    image_shape=(size, size, 3), patch_size=arch["patch_size"], hidden_dim=arch["hidden_dim"],
+    num_layers=layers, num_heads=arch["num_heads"], layer_norm_epsilon=1e-5,
+    remat=bool(remat))
 pretrainer = keras_aim.AIMPretrainer(
-    backbone, pixel_head_width=2048, pixel_head_depth=depth, seed=0)
+    backbone, pixel_head_width=arch["pixel_head_width"], pixel_head_depth=depth, seed=0)
 pretrainer.compile(optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-4))
-images = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32")
+images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("float32")
 for _ in range(3):
     loss = float(pretrainer.train_on_batch(images))
 print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "loss": loss}))
@@ -50,9 +55,10 @@ print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "loss": loss}))
 
 def measure(layers: int, depth: int, batch: int, remat: bool) -> dict:
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+           "JAX_PLATFORMS": "cpu"}
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(layers), str(depth), str(batch), str(int(remat))],
+        [sys.executable, "-c", CHILD, str(layers), str(depth), str(batch), str(int(remat)),
+         json.dumps(ARCH)],
         env=env, capture_output=True, text=True,
     )
     if run.returncode:
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
         help="LAYERS:HEAD_DEPTH:BATCH[:remat] per run",
     )
     args = parser.parse_args(argv)
-    from keras_aim.memory_plan import GIB, PretrainingShape, plan_memory
+    from keras_aim.training.memory_plan import GIB, PretrainingShape, plan_memory
 
     print("| trunk blocks | head blocks | batch | remat | planned: params+opt+grads "
           "| planned: activations | planned total | measured peak - baseline "
@@ -83,8 +89,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for text in args.runs:
         layers, depth, batch, remat = parse_run(text)
-        shape = PretrainingShape(
-            hidden_dim=1536, num_layers=layers, num_heads=12, pixel_head_depth=depth
+        shape = PretrainingShape.from_config(
+            {**ARCH, "num_layers": layers, "pixel_head_depth": depth}
         )
         plan = plan_memory(shape, 1, 1, batch, "fp32", remat)
         measured = measure(layers, depth, batch, remat)

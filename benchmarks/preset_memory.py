@@ -40,13 +40,14 @@ def rss():
     return status("VmRSS")
 step, name, release_dir = sys.argv[1:4]
 import keras_aim
-from keras_aim import released_weights
+from keras_aim.loading import preset_cache
+from keras_aim.models.aim.aim_backbone import AIMBackbone, cached_release_preset
 after_imports = rss()
 start = time.perf_counter()
 if step == "convert":
-    released_weights.cached_backbone_preset(name, None, release_dir, progress=False)
+    cached_release_preset(AIMBackbone, name, None, release_dir, progress=False)
 else:
-    backbone = keras_aim.AIMBackbone.from_preset(released_weights.backbone_cache_dir(name))
+    backbone = keras_aim.AIMBackbone.from_preset(preset_cache.preset_cache_dir(name))
 seconds = time.perf_counter() - start
 peak = status("VmHWM")
 print(json.dumps({"after_imports": after_imports, "peak": peak, "seconds": seconds}))
@@ -58,7 +59,7 @@ def write_released_checkpoint(name: str, folder: str) -> tuple[str, int]:
     writes them. Returns (path, float32 weight bytes)."""
     import torch
 
-    from keras_aim.presets import get_preset
+    from keras_aim.models.aim.aim_presets import get_preset
 
     config = get_preset(name)["config"]
     d, depth, p = config["hidden_dim"], config["num_layers"], config["patch_size"]
@@ -95,8 +96,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, ROOT)
-    from keras_aim.download import sha256_file
-    from keras_aim.presets import get_preset
+    from keras_aim.loading.download import sha256_file
+    from keras_aim.models.aim.aim_presets import get_preset
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="aim_memory_")
     release_dir = os.path.join(workdir, "released")

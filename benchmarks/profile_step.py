@@ -71,7 +71,7 @@ def profile_jax(config: dict, images):
     """`(rows, step)`: the (piece, median ms) rows and the timed training step."""
     import jax
 
-    from keras_aim.losses import next_patch_pixel_loss
+    from keras_aim.training.losses import next_patch_pixel_loss
 
     backbone, pretrainer = build(config)
     variables = [v.value for v in pretrainer.trainable_variables]

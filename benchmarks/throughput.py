@@ -47,20 +47,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _load_atomic_files():
-    """keras_aim's write-then-rename helpers, loaded from their file: importing
-    the `keras_aim` package would load Keras and a backend into this parent
-    process, which stays framework-free (each target runs in its own)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "_keras_aim_atomic_files", os.path.join(ROOT, "keras_aim", "atomic_files.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-atomic_file = _load_atomic_files().atomic_file
+# Both framework-free: this parent process stays without Keras or a backend
+# (each target runs in its own process).
+from keras_aim.models.aim.aim_presets import pretraining_architecture  # noqa: E402
+from keras_aim.utils.atomic_files import atomic_file  # noqa: E402
 
 KERAS_TARGETS = ("keras-jax", "keras-tensorflow", "keras-torch")
 TORCH_TARGETS = ("torch-eager", "torch-compile")
@@ -72,12 +62,17 @@ ALL_TARGETS = KERAS_TARGETS + TORCH_TARGETS
 CONFIGS = {
     "cpu": dict(image_size=112, patch_size=14, hidden_dim=384, num_layers=6,
                 num_heads=6, head_width=384, head_depth=3, batch_size=8),
-    "aim_600m": dict(image_size=224, patch_size=14, hidden_dim=1536, num_layers=24,
-                     num_heads=12, head_width=2048, head_depth=12, batch_size=64),
-    "aim_1b": dict(image_size=224, patch_size=14, hidden_dim=2048, num_layers=24,
-                   num_heads=16, head_width=2048, head_depth=12, batch_size=64),
-    "aim_3b": dict(image_size=224, patch_size=14, hidden_dim=3072, num_layers=24,
-                   num_heads=24, head_width=2048, head_depth=12, batch_size=32),
+    **{
+        name: {
+            **{k: arch[k] for k in ("image_size", "patch_size", "hidden_dim",
+                                    "num_layers", "num_heads")},
+            "head_width": arch["pixel_head_width"],
+            "head_depth": arch["pixel_head_depth"],
+            "batch_size": batch_size,
+        }
+        for name, batch_size in (("aim_600m", 64), ("aim_1b", 64), ("aim_3b", 32))
+        for arch in [pretraining_architecture(name)]
+    },
 }
 
 # Dense peak FLOP/s of accelerators (bfloat16, float32), for --report-mfu.

@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from keras_aim.presets import AIM_PRESETS, HEAD_KINDS, RELEASE_BASE_URL
+from keras_aim.utils.quiet import quiet_frameworks
+
+from keras_aim.models.aim.aim_presets import (
+    AIM_PRESETS,
+    HEAD_KINDS,
+    RELEASE_BASE_URL,
+    released_filenames,
+)
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -16,7 +23,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from keras_aim.released_weights import cache_status, keras_aim_home
+    from keras_aim.loading.preset_cache import cache_status, keras_aim_home
 
     rows = [("preset", "width", "depth", "heads", "trunk params", "fp32 size",
              "IN-1k top-1 best/last", "cache")]
@@ -32,7 +39,7 @@ def _info(args: argparse.Namespace) -> int:
                 f"{entry['trunk_params']:,}",
                 f"{entry['trunk_params'] * 4 / 1e9:.1f} GB",
                 f"{top1['best']} / {top1['last']}" if top1 else "-",
-                cache_status(name),
+                cache_status(name, released_filenames(name)),
             )
         )
     _table(rows)
@@ -42,22 +49,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from keras_aim import released_weights
-    from keras_aim.backbone import AIMBackbone
-    from keras_aim.classifier import AIMImageClassifier
+    from keras_aim.loading import preset_cache
+    from keras_aim.models.aim.aim_presets import get_preset
 
+    entry = get_preset(args.preset)
     kinds = list(HEAD_KINDS) if args.probe == "all" else (
         [] if args.probe == "none" else [args.probe]
     )
     if args.files_only:
         for role in ["backbone"] + [f"head_{k}" for k in kinds]:
-            print(released_weights.release_file(args.preset, role))
+            filename, sha256 = entry["files"][role]
+            print(preset_cache.release_file(filename, sha256, RELEASE_BASE_URL))
         return 0
+    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+
     if not kinds:
         AIMBackbone.from_preset(args.preset, dtype=args.dtype)
     for kind in kinds:
         AIMImageClassifier.from_preset(args.preset, probe_layers=kind, dtype=args.dtype)
-    print(f"{args.preset}: {released_weights.cache_status(args.preset)}")
+    status = preset_cache.cache_status(args.preset, released_filenames(args.preset))
+    print(f"{args.preset}: {status}")
     return 0
 
 
@@ -107,7 +119,7 @@ def _classify(args: argparse.Namespace) -> int:
     import numpy as np
     from keras import ops
 
-    from keras_aim.classifier import AIMImageClassifier
+    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
 
     names, images, failures = read_images(args.images)
     if not images:
@@ -141,10 +153,10 @@ def _features(args: argparse.Namespace) -> int:
     import numpy as np
     from keras import ops
 
-    from keras_aim.atomic_files import atomic_file
-    from keras_aim.backbone import AIMBackbone
-    from keras_aim.classifier import resolve_probe_layers
-    from keras_aim.preprocessing import AIMImageConverter
+    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models.aim.aim_image_classifier import resolve_probe_layers
+    from keras_aim.models.aim.aim_image_converter import AIMImageConverter
+    from keras_aim.utils.atomic_files import atomic_file
 
     names, images, failures = read_images(args.images)
     if not images:
@@ -191,11 +203,11 @@ def _export(args: argparse.Namespace) -> int:
 
         model = keras.saving.load_model(args.model, compile=False)
     elif args.backbone:
-        from keras_aim.backbone import AIMBackbone
+        from keras_aim.models.aim.aim_backbone import AIMBackbone
 
         model = AIMBackbone.from_preset(args.preset)
     else:
-        from keras_aim.classifier import AIMImageClassifier
+        from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
 
         options = {"probe_layers": args.probe} if args.probe else {}
         model = AIMImageClassifier.from_preset(args.preset, **options)
@@ -225,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version", action="version", version=f"keras-aim {__version__}"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show framework logs and warnings, and tracebacks of errors",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -325,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    quiet_frameworks(args.verbose)
     return args.handler(args)
 
 

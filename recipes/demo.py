@@ -3,13 +3,13 @@
 pre-trained trunk and of a random trunk with the same architecture, and
 LoRA fine-tuning of the pre-trained trunk from its probe.
 
-    python recipes/demo.py [--steps 600] [--seed 0] [--summary out.json]
+    python -m recipes.demo [--steps 600] [--seed 0] [--summary out.json]
 
-Prints the loss curve, the probe and LoRA accuracies, a raw-pixel logistic
+Shows a progress bar with the loss, then prints the loss curve, the probe and LoRA accuracies, a raw-pixel logistic
 regression baseline for context and the wall time; saves the loss curve as
 a PNG next to the summary (or in the working directory) and, with
 --summary, the pre-trained trunk as a keras-hub preset in `backbone/` beside
-it (input for recipes/attentive_probe.py and recipes/finetune_lora.py).
+it (input for `recipes.attentive_probe` and `recipes.finetune_lora`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-from common import build_pretrainer  # noqa: E402
-from configs import load  # noqa: E402
+from recipes.common import add_verbosity_argument, build_pretrainer, fit_logging, quiet
+from recipes.configs import load
 
 # The tiny pre-training config plus the probe's settings.
 CONFIG = dict(
@@ -44,17 +41,21 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summary", default=None, help="write the figures as JSON")
     parser.add_argument("--plot", default=None, help="loss curve PNG path")
+    add_verbosity_argument(parser)
     args = parser.parse_args(argv)
     if args.steps < 2 * CONFIG["log_every"]:
         parser.error(f"--steps must be at least {2 * CONFIG['log_every']}")
+    quiet(args)
 
     import keras
     from sklearn.linear_model import LogisticRegression
 
-    import keras_aim
-    from keras_aim import data, probing
-    from keras_aim.atomic_files import atomic_directory
-    from keras_aim.lora import fit_lora
+    from keras_aim import data
+    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+    from keras_aim.training import probing
+    from keras_aim.training.lora import fit_lora
+    from keras_aim.utils.atomic_files import atomic_directory
 
     start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
@@ -73,14 +74,22 @@ def main(argv=None) -> int:
     stream = data.pretraining_dataset(
         x_train, c["batch_size"], c["image_size"], c["augmentation"], seed=args.seed
     )
+    epochs = args.steps // c["log_every"]
+    verbose, progress = fit_logging(args, epochs * c["log_every"], "pre-training")
     history = pretrainer.fit(
         stream,
         steps_per_epoch=c["log_every"],
-        epochs=args.steps // c["log_every"],
-        verbose=0,
-        callbacks=[_PrintLoss(c["log_every"])],
+        epochs=epochs,
+        verbose=verbose,
+        callbacks=progress,
+        shuffle=False,  # the stream is shuffled by its pipeline
     )
+    for bar in progress:
+        bar.close()
     curve = history.history["loss"]
+    if args.verbose:
+        print("loss every", c["log_every"], "steps:",
+              " ".join(f"{value:.3f}" for value in curve))
     pretrain_seconds = time.perf_counter() - start
     if args.summary:  # the trunk, for the probe / LoRA recipes
         trunk = os.path.join(os.path.dirname(os.path.abspath(args.summary)), "backbone")
@@ -104,12 +113,10 @@ def main(argv=None) -> int:
 
     trained_probe, pretrained_accuracy = probe(pretrainer.backbone)
     keras.utils.set_random_seed(args.seed + 1000)
-    _, random_accuracy = probe(
-        keras_aim.AIMBackbone.from_config(pretrainer.backbone.get_config())
-    )
+    _, random_accuracy = probe(AIMBackbone.from_config(pretrainer.backbone.get_config()))
 
     # LoRA fine-tuning of the pre-trained trunk, starting from its probe.
-    classifier = keras_aim.AIMImageClassifier(pretrainer.backbone, 10, c["probe_layers"])
+    classifier = AIMImageClassifier(pretrainer.backbone, 10, c["probe_layers"])
     classifier.probe.set_weights(trained_probe.get_layer("probe").get_weights())
     classifier.backbone.enable_lora(c["lora_rank"])
     # The probe's own (evaluation) preprocessing, reshuffled every epoch.
@@ -154,27 +161,13 @@ def main(argv=None) -> int:
     return 0
 
 
-class _PrintLoss:
-    """Prints the mean loss of each logging interval (a Keras callback)."""
-
-    def __new__(cls, every):
-        import keras
-
-        class PrintLoss(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                step = (epoch + 1) * every
-                print(f"step {step:5d}  loss {logs['loss']:.4f}", flush=True)
-
-        return PrintLoss()
-
-
 def _plot(curve, every, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from keras_aim.atomic_files import atomic_file
+    from keras_aim.utils.atomic_files import atomic_file
 
     steps = [every * (i + 1) for i in range(len(curve))]
     figure, axis = plt.subplots(figsize=(5, 3.2))
@@ -189,7 +182,7 @@ def _plot(curve, every, path):
 
 
 def _write_json(path, payload):
-    from keras_aim.atomic_files import atomic_file
+    from keras_aim.utils.atomic_files import atomic_file
 
     with atomic_file(path) as staging, open(staging, "w") as handle:
         json.dump(payload, handle, indent=2)

@@ -1,7 +1,7 @@
 """LoRA fine-tuning of an AIM trunk with its attentive probe (paper Table 8).
 
-    python recipes/finetune_lora.py --backbone runs/tiny/backbone --data digits --out runs/lora
-    python recipes/finetune_lora.py --backbone aim_600m --probe-layers best \
+    python -m recipes.finetune_lora --backbone runs/demo/backbone --data digits --out runs/lora
+    python -m recipes.finetune_lora --backbone aim_600m --probe-layers best \
         --data tfds:imagenet2012 --dtype mixed_bfloat16 --out runs/lora_600m
 
 Rank-r adapters on the q and v parts of every fused qkv and on the attention
@@ -20,10 +20,13 @@ import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-from attentive_probe import add_run_arguments, run_in_scope, splits  # noqa: E402
+from recipes.common import (
+    add_run_arguments,
+    fit_logging,
+    quiet,
+    run_in_scope,
+    splits,
+)
 
 
 def main(argv=None) -> int:
@@ -39,24 +42,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out is required (adapters and probe are saved there)")
+    quiet(args)
     return run_in_scope(args, finetune)
 
 
 def finetune(args, callbacks, training) -> int:
-    import keras_aim
-    from keras_aim import data, probing
-    from keras_aim.classifier import load_head
-    from keras_aim.lora import (
+    from keras_aim import data
+    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+    from keras_aim.models.aim.convert_aim import load_head
+    from keras_aim.training import probing
+    from keras_aim.training.lora import (
         fit_lora,
         lora_parameter_count,
         save_lora_weights,
         save_merged_preset,
     )
 
-    backbone = keras_aim.AIMBackbone.from_preset(args.backbone, remat=training.remat)
+    backbone = AIMBackbone.from_preset(args.backbone, remat=training.remat)
     size = backbone.image_shape[0] or 224
     train_set, val_set = splits(args, size)
-    classifier = keras_aim.AIMImageClassifier(
+    classifier = AIMImageClassifier(
         backbone, val_set.num_classes, args.probe_layers
     )
     if args.init_probe:
@@ -77,9 +83,12 @@ def finetune(args, callbacks, training) -> int:
           f"(adapters {adapters:,} = {adapters / trunk_params:.2%} of the trunk, "
           "plus the probe)")
     steps = _batches_per_epoch(train_set, training.micro_batch_size)
+    verbose, progress = fit_logging(args, args.epochs * steps, "LoRA")
     fit_lora(classifier, train, args.epochs, steps, args.learning_rate,
-             callbacks=callbacks, verbose=args.verbose,
+             callbacks=callbacks + progress, verbose=verbose,
              gradient_accumulation_steps=training.gradient_accumulation_steps)
+    for bar in progress:
+        bar.close()
 
     logits, labels = probing.classifier_logits(classifier, val)
     top1 = probing.topk_accuracy(logits, labels, 1)

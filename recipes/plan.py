@@ -1,27 +1,24 @@
 """Per-device memory of an AIM pre-training run on a device mesh.
 
-    python recipes/plan.py --preset aim_7b --mesh 16x8 --batch 4096 --precision bf16
-    python recipes/plan.py --preset aim_7b --mesh 64x8 32x16 --batch 4096 --remat \
+    python -m recipes.plan --config aim_7b --mesh 16x8 --batch-size 4096 --precision bf16
+    python -m recipes.plan --config aim_7b --mesh 64x8 32x16 --remat \
         --device-memory 80 141 16
 
 Prints, per mesh, the bytes each device holds for parameters, optimizer
 state (AdamW m and v; fp32 master weights with bf16), gradients and the
 activations of one (micro-)batch, and whether that fits each device memory
-(with 10% headroom). The formulas are in keras_aim/memory_plan.py; measured
-peaks of real steps are in the README (benchmarks/plan_vs_measured.py).
+(with 10% headroom). The formulas are in keras_aim/training/memory_plan.py;
+measured peaks of real steps are in docs/distribution.md
+(benchmarks/plan_vs_measured.py).
 Nothing is built or allocated.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-from configs import NAMES, load  # noqa: E402
+from recipes.configs import NAMES, load
 
 # 80 GB: A100/H100; 141 GB: H200; 16 GB: a TPU v4 / v5e core.
 DEFAULT_DEVICE_MEMORY_GB = (16, 80, 141)
@@ -29,10 +26,12 @@ DEFAULT_DEVICE_MEMORY_GB = (16, 80, 141)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=NAMES, default="aim_7b",
-                        help="a pre-training config (recipes/configs/)")
+    # --preset and --batch: the names of earlier versions.
+    parser.add_argument("--config", "--preset", dest="config", choices=NAMES,
+                        default="aim_7b", help="a pre-training config (recipes/configs/)")
     parser.add_argument("--mesh", nargs="+", default=["16x8"], help="BATCHxMODEL, one or more")
-    parser.add_argument("--batch", type=int, help="global batch (default: the config's)")
+    parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int,
+                        help="global batch (default: the config's)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1, metavar="N")
@@ -44,15 +43,15 @@ def parse_args(argv=None):
 
 def plan_table(args) -> str:
     """The plan as a Markdown table, one row per mesh."""
-    from keras_aim.distribution import parse_mesh
-    from keras_aim.memory_plan import GIB, PretrainingShape, plan_memory
+    from keras_aim.training.distribution import parse_mesh
+    from keras_aim.training.memory_plan import GIB, PretrainingShape, plan_memory
 
-    config = load(args.preset)
-    batch = args.batch or config["batch_size"]
+    config = load(args.config)
+    batch = args.batch_size or config["batch_size"]
     shape = PretrainingShape.from_config(config)
     fits_header = "".join(f" fits {gb:g} GB |" for gb in args.device_memory)
     lines = [
-        f"{args.preset}: global batch {batch}, {args.precision}, "
+        f"{args.config}: global batch {batch}, {args.precision}, "
         f"remat {'on' if args.remat else 'off'}, accumulate {args.accumulate} "
         "(GiB per device)",
         "",

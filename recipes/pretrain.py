@@ -1,9 +1,9 @@
 """AIM pre-training with `fit`, on any Keras backend.
 
-    python recipes/pretrain.py --config tiny --workdir runs/tiny
-    python recipes/pretrain.py --config tiny --workdir runs/tiny --resume
-    python recipes/pretrain.py --config aim_600m --workdir gs://... --data tfds:imagenet2012
-    python recipes/pretrain.py --config aim_7b --mesh 16x8 --multi-host --remat ...
+    python -m recipes.pretrain --config tiny --workdir runs/tiny
+    python -m recipes.pretrain --config tiny --workdir runs/tiny --resume
+    python -m recipes.pretrain --config aim_600m --workdir runs/a --data tfds:imagenet2012
+    python -m recipes.pretrain --config aim_7b --mesh 16x8 --multi-host --remat ...
 
 Configs live in recipes/configs/ (one per experiment). The run directory
 gets checkpoints (every `checkpoint_every` steps and on Ctrl-C / SIGTERM),
@@ -28,15 +28,16 @@ import signal
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-from common import (  # noqa: E402
+from recipes.common import (
     add_distribution_arguments,
+    add_verbosity_argument,
     build_pretrainer,
+    fit_logging,
+    quiet,
+    report_error,
     setup_distribution,
 )
-from configs import NAMES, load  # noqa: E402
+from recipes.configs import NAMES, load
 
 
 def parse_args(argv=None):
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--data", help="digits | tfds:NAME[:SPLIT] | folder:PATH (override)"
     )
-    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    add_verbosity_argument(parser)
     add_distribution_arguments(parser)
     return parser.parse_args(argv)
 
@@ -59,14 +60,11 @@ def parse_args(argv=None):
 def validate(config: dict, mesh, accumulate: int = 1) -> None:
     """Raises ValueError naming the bad setting and the fix; `mesh` is a
     `keras_aim.distribution.Mesh` (or its "BATCHxMODEL" string)."""
-    from keras_aim.distribution import check_batch_divisible, parse_mesh
+    from keras_aim.training.distribution import check_batch_divisible, parse_mesh
+    from keras_aim.utils.image_shapes import check_patch_multiple
 
     size, patch = config["image_size"], config["patch_size"]
-    if size % patch:
-        raise ValueError(
-            f"image_size {size} is not a multiple of patch_size {patch}; use "
-            f"{size - size % patch} or {size - size % patch + patch}."
-        )
+    check_patch_multiple((size,), patch, "The config", names=("image_size",))
     if (size // patch) ** 2 < 2:
         raise ValueError("Pre-training needs at least 2 patches per image.")
     if isinstance(mesh, str):
@@ -88,19 +86,20 @@ def image_source(spec: str, seed: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet(args)
     config = load(args.config)
     for key in ("steps", "batch_size", "checkpoint_every", "data"):
         value = getattr(args, key)
         if value is not None:
             config["total_steps" if key == "steps" else key] = value
 
-    from keras_aim.distribution import DistributionUnavailableError, parse_mesh
+    from keras_aim.training.distribution import DistributionUnavailableError, parse_mesh
 
     validate(config, parse_mesh(args.mesh), args.accumulate)
     try:
         training = setup_distribution(args, config["batch_size"])
     except DistributionUnavailableError as error:
-        raise SystemExit(f"error: {error}")
+        return report_error(args, error)
     # With --accumulate N, fit sees N micro-batches per optimizer update;
     # steps and checkpoints count updates, the learning-rate schedule counts
     # micro-batches (as Keras' optimizer does).
@@ -112,7 +111,8 @@ def main(argv=None) -> int:
 
     import keras
 
-    from keras_aim import checkpointing, data
+    from keras_aim import data
+    from keras_aim.training import checkpointing
 
     checkpoints = os.path.join(args.workdir, "checkpoints")
     existing = checkpointing.list_checkpoints(checkpoints)
@@ -139,12 +139,15 @@ def main(argv=None) -> int:
 
         # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        total, every = config["total_steps"], config["checkpoint_every"]
+        verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro)
         callbacks = [
             keras.callbacks.CSVLogger(os.path.join(args.workdir, "log.csv"), append=True),
             keras.callbacks.TensorBoard(os.path.join(args.workdir, "tensorboard")),
+            *progress,
         ]
+        log = progress[0].bar.write if progress else print
         start = time.perf_counter()
-        total, every = config["total_steps"], config["checkpoint_every"]
         try:
             while step < total:
                 chunk = min(every - step % every, total - step)
@@ -154,15 +157,20 @@ def main(argv=None) -> int:
                 )
                 pretrainer.fit(
                     stream, steps_per_epoch=chunk * micro, initial_epoch=step // every,
-                    epochs=step // every + 1, verbose=args.verbose, callbacks=callbacks,
+                    epochs=step // every + 1, verbose=verbose, callbacks=callbacks,
+                    shuffle=False,  # the stream is shuffled by its pipeline
                 )
                 step += chunk
                 path = checkpointing.save_checkpoint(pretrainer, checkpoints)
-                print(f"step {step}/{total}: checkpoint {path}", flush=True)
+                if args.verbose:
+                    log(f"step {step}/{total}: checkpoint {path}")
         except KeyboardInterrupt:
             path = checkpointing.save_checkpoint(pretrainer, checkpoints)
             print(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
             return 130
+        finally:
+            for bar in progress:
+                bar.close()
         pretrainer.backbone.save_to_preset(os.path.join(args.workdir, "backbone"))
         print(f"done: {total} steps in {time.perf_counter() - start:.0f} s; trunk "
               f"saved to {os.path.join(args.workdir, 'backbone')}")

@@ -48,7 +48,7 @@ once_in_jax_pass = pytest.mark.skipif(
 def released_state_dict(*names: str) -> dict:
     """Released-format fixture files as one dict of NumPy arrays, read with
     keras_aim's own reader (no torch)."""
-    from keras_aim.conversion import TorchZipReader
+    from keras_aim.loading.state_dict import TorchZipReader
 
     state = {}
     for name in names:

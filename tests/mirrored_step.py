@@ -10,7 +10,7 @@ import sys
 os.environ["KERAS_BACKEND"] = "tensorflow"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from keras_aim import distribution_tf  # noqa: E402
+from keras_aim.training import distribution_tf  # noqa: E402
 
 distribution_tf.split_cpu(2)
 

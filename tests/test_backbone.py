@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim.download import OfflineError
-from keras_aim.presets import AIM_PRESETS, trunk_parameter_count
+from keras_aim.loading.download import OfflineError
+from keras_aim.models.aim.aim_presets import AIM_PRESETS, trunk_parameter_count
 from tests.conftest import (
     PARITY_ATOL,
     TINY_CONFIG,
@@ -152,7 +152,7 @@ def test_fixed_shape_mismatch_names_the_fix():
         (dict(image_shape=(30, 32, 3)), r"height 30 is not a multiple .* 24 or 32"),
         (dict(image_shape=(32, 32)), "must be \\(height, width, channels\\)"),
         (dict(hidden_dim=66, num_heads=3), "divisible by num_heads=3 and by 4"),
-        (dict(num_layers=0), "num_layers must be >= 1"),
+        (dict(num_layers=0), "num_layers must be a positive int"),
     ],
 )
 def test_bad_configs_raise(overrides, message):

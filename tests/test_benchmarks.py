@@ -11,7 +11,7 @@ import pytest
 
 import keras_aim
 from keras_aim.layers import prefix_causal_mask
-from keras_aim.losses import next_patch_pixel_loss
+from keras_aim.training.losses import next_patch_pixel_loss
 from tests.conftest import needs_torch_backend, to_numpy
 
 needs_jax_backend = pytest.mark.skipif(

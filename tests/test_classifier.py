@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim.download import DownloadError
-from keras_aim.classifier import resolve_probe_layers
+from keras_aim.loading.download import DownloadError
+from keras_aim.models.aim.aim_image_classifier import resolve_probe_layers
 from tests.conftest import (
     PARITY_ATOL,
     TINY_NUM_CLASSES,
@@ -165,7 +165,7 @@ def test_keras_file_round_trip(tiny_classifier, reference, tmp_path):
 
 
 def test_from_preset_unknown_name_and_unreachable_server(monkeypatch):
-    from keras_aim import download
+    from keras_aim.loading import download
 
     with pytest.raises(ValueError, match="Valid presets"):
         keras_aim.AIMImageClassifier.from_preset("aim_2b", load_weights=False)

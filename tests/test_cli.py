@@ -38,18 +38,6 @@ def test_unknown_command_is_an_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_console_script_help_runs():
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_aim.cli", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "usage: keras-aim" in result.stdout
-
-
 def write_images(folder):
     """Two real image files (JPEG, PNG) and a corrupt one."""
     rng = np.random.RandomState(0)

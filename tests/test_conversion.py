@@ -158,7 +158,7 @@ def test_torch_zip_reader_matches_torch_load(tmp_path):
     strides into shared storages, bfloat16 and integer tensors."""
     import torch
 
-    from keras_aim.conversion import TorchZipReader
+    from keras_aim.loading.state_dict import TorchZipReader
 
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
     state = {

@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim import distribution
-from keras_aim.memory_plan import PretrainingShape, parameter_counts, plan_memory
+from keras_aim.training import distribution
+from keras_aim.training.memory_plan import PretrainingShape, parameter_counts, plan_memory
 from tests.conftest import make_tiny_backbone, make_tiny_classifier, once_in_jax_pass, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "recipes")]
 
-import common  # noqa: E402
-import plan  # noqa: E402
+from recipes import common
+from recipes import plan
 
 TINY_HEAD = dict(pixel_head_width=32, pixel_head_depth=2)
 TINY_SHAPE = PretrainingShape(

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim import probing
-from keras_aim.checkpointing import fit_callbacks
+from keras_aim.training import probing
+from keras_aim.training.checkpointing import fit_callbacks
 from keras_aim.data.sources import labeled_images
 from tests.conftest import (
     TINY_CONFIG,
@@ -21,7 +21,6 @@ from tests.conftest import (
     to_numpy,
 )
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes"))
 
 SMALL = dict(image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2)
 
@@ -161,7 +160,7 @@ def _tiny_tfds_builder():
 
 
 def test_tfds_splits_feed_the_probe_recipe(tmp_path, capsys):
-    import attentive_probe
+    from recipes import attentive_probe
 
     builder = _tiny_tfds_builder()(data_dir=str(tmp_path / "tfds"))
     builder.download_and_prepare()
@@ -199,9 +198,9 @@ def _class_folder(root, num_classes, rng, sizes=((40, 50), (33, 32))):
 def test_evaluate_only_reproduces_the_classifiers_predictions(tmp_path, capsys):
     """A released-format head evaluated by the probe recipe gives exactly the
     predictions of the classifier holding it."""
-    import attentive_probe
+    from recipes import attentive_probe
 
-    from keras_aim.preprocessing import AIMImageConverter
+    from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 
     classifier = make_tiny_classifier()
     keras_aim.load_official_weights(
@@ -259,7 +258,7 @@ def _parsed(recipe, argv):
 
 
 def test_probe_recipe_keeps_its_probe_logs_and_refuses_to_overwrite(tmp_path, capsys):
-    import attentive_probe
+    from recipes import attentive_probe
 
     keras_aim.AIMBackbone(**SMALL).save_to_preset(str(tmp_path / "trunk"))
     out = tmp_path / "run"
@@ -329,7 +328,7 @@ def test_classifier_fit_in_mixed_precision():
 
 
 def test_lora_recipe_in_mixed_precision_resumes_and_starts_from_a_probe(tmp_path, capsys):
-    import finetune_lora
+    from recipes import finetune_lora
 
     backbone = keras_aim.AIMBackbone(**SMALL)
     backbone.save_to_preset(str(tmp_path / "trunk"))
@@ -356,8 +355,8 @@ def test_lora_recipe_in_mixed_precision_resumes_and_starts_from_a_probe(tmp_path
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="PyTorch has no keras.distribution")
 def test_probe_recipes_refuse_a_mesh_on_pytorch(tmp_path, capsys):
-    import attentive_probe
-    import finetune_lora
+    from recipes import attentive_probe
+    from recipes import finetune_lora
 
     keras_aim.AIMBackbone(**SMALL).save_to_preset(str(tmp_path / "trunk"))
     common = ["--backbone", str(tmp_path / "trunk"), "--mesh", "2x1"]

@@ -11,7 +11,7 @@ import pytest
 
 import keras_aim
 from keras_aim import cli
-from keras_aim import export as aim_export
+from keras_aim.export import saved_model as aim_export
 from tests.conftest import (
     PARITY_ATOL,
     fixture_path,
@@ -116,7 +116,10 @@ def test_saved_model_matches_keras_in_a_process_without_keras(exports, tmp_path)
 
 def signature_listing(model_dir) -> str:
     result = subprocess.run(
-        ["saved_model_cli", "show", "--dir", str(model_dir), "--all"],
+        # The tool of the TensorFlow installed beside this Python (also when
+        # its environment is not activated).
+        [os.path.join(os.path.dirname(sys.executable), "saved_model_cli"),
+         "show", "--dir", str(model_dir), "--all"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,19 +259,19 @@ def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch)
 
     monkeypatch.setattr(aim_export, "write_saved_model", succeed)
     # The swap itself fails: the old version is put back.
-    real_replace = os.replace
+    real_rename = os.rename
 
     def failing_swap(source, destination):
-        if ".partial-" in str(source):
+        if ".tmp-" in str(source) and not str(source).endswith(".old"):
             raise OSError("rename failed")
-        real_replace(source, destination)
+        real_rename(source, destination)
 
-    monkeypatch.setattr(os, "replace", failing_swap)
+    monkeypatch.setattr(os, "rename", failing_swap)
     with pytest.raises(OSError, match="rename failed"):
         aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
     assert sorted(p.name for p in base.iterdir()) == ["1"]
     assert (base / "1" / "saved_model.pb").read_bytes() == b"version one"
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "rename", real_rename)
     aim_export.export_saved_model(exports["backbone"], base, version=1, overwrite=True)
     assert sorted(p.name for p in base.iterdir()) == ["1"]
     assert (base / "1" / "saved_model.pb").read_bytes() == b"version one, again"

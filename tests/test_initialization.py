@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import keras_aim
-from keras_aim.initialization import variables_to_be_overwritten
+from keras_aim.loading.lean_loading import variables_to_be_overwritten
 from tests.conftest import TINY_CONFIG, make_tiny_backbone, to_numpy
 
 

@@ -125,21 +125,51 @@ def test_probe_shapes_and_batchnorm_modes():
     assert not np.allclose(inference, training)
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        layers.AIMPatchEmbedding(16, 4, 1e-5),
-        layers.AIMAttention(16, 4),
-        layers.AIMMLP(16, 32),
-        layers.AIMTransformerBlock(16, 4, 2.0, 1e-5),
-        layers.AIMAttentionProbe(16, 3, 4, epsilon=1e-5),
-        layers.AIMSinCosPositionEmbedding(),
-    ],
-    ids=lambda layer: type(layer).__name__,
-)
-def test_layer_config_round_trip(layer):
-    clone = type(layer).from_config(layer.get_config())
-    assert clone.get_config() == layer.get_config()
+# Every layer class of keras_aim.layers, with an input to call it on.
+ROUND_TRIP_CASES = {
+    "AIMPatchEmbedding": (lambda: layers.AIMPatchEmbedding(16, 4, 1e-5), (2, 8, 8, 3)),
+    "AIMSinCosPositionEmbedding": (lambda: layers.AIMSinCosPositionEmbedding(), (2, 2, 3, 16)),
+    "AIMFusedQKV": (lambda: layers.AIMFusedQKV(48, use_bias=False), (2, 5, 16)),
+    "AIMAttention": (lambda: layers.AIMAttention(16, 4), (2, 5, 16)),
+    "AIMMLP": (lambda: layers.AIMMLP(16, 32), (2, 5, 16)),
+    "AIMTransformerBlock": (lambda: layers.AIMTransformerBlock(16, 4, 2.0, 1e-5), (2, 5, 16)),
+    "AIMAttentionProbe": (lambda: layers.AIMAttentionProbe(16, 3, 4, epsilon=1e-5), (2, 5, 16)),
+    "AIMPixelHeadBlock": (lambda: layers.AIMPixelHeadBlock(16, 2.0, 1e-5), (2, 4, 16)),
+    "AIMPixelHead": (
+        lambda: layers.AIMPixelHead(2, 3, width=16, depth=2, mlp_ratio=2.0, remat=True),
+        (2, 4, 16),
+    ),
+    "AIMPrefixSampler": (lambda: layers.AIMPrefixSampler(16, seed=3, eval_seed=7), (5, 8, 8, 3)),
+}
+
+
+def test_round_trip_cases_cover_every_layer_class():
+    classes = {
+        name for name in layers.__all__
+        if isinstance(getattr(layers, name), type)
+        and issubclass(getattr(layers, name), keras.layers.Layer)
+    }
+    assert classes == set(ROUND_TRIP_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_CASES))
+def test_layer_round_trips_through_config_and_keras_file(name, tmp_path):
+    make, shape = ROUND_TRIP_CASES[name]
+    layer = make()
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+
+    inputs = keras.Input(shape[1:], batch_size=shape[0])
+    model = keras.Model(inputs, layer(inputs))
+    x = np.random.RandomState(0).normal(size=shape).astype("float32")
+    expected = to_numpy(model(x, training=False))
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.layers[-1]) is type(layer)
+    assert loaded.layers[-1].get_config() == config
+    np.testing.assert_allclose(to_numpy(loaded(x, training=False)), expected, atol=1e-6)
 
 
 def test_prefix_attention_matches_reference(tiny_backbone, reference):

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_aim.lora import lora_parameter_count, merge_lora
+from keras_aim.training.lora import lora_parameter_count, merge_lora
 from tests.conftest import make_tiny_backbone, to_numpy
 
 

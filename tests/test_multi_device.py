@@ -14,7 +14,6 @@ import pytest
 import keras_aim
 from tests.conftest import fixture_path, make_tiny_classifier, to_numpy
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "recipes")]
 
 pytestmark = pytest.mark.multi_device
 
@@ -149,7 +148,7 @@ def test_preset_loaded_in_the_scope_is_sharded(tmp_path, tiny_backbone):
 
 @needs_8_devices
 def test_recipe_rejects_an_indivisible_batch_before_computing(monkeypatch, tmp_path):
-    import pretrain
+    from recipes import pretrain
 
     monkeypatch.setattr(pretrain, "build_pretrainer", lambda *a: pytest.fail("built"))
     with pytest.raises(ValueError, match="batch size 12 is not divisible by the 8 batch-axis"):
@@ -160,7 +159,7 @@ def test_recipe_rejects_an_indivisible_batch_before_computing(monkeypatch, tmp_p
 
 @needs_8_devices
 def test_lora_recipe_trains_on_a_2x4_mesh_with_accumulation(tmp_path, capsys):
-    import finetune_lora
+    from recipes import finetune_lora
 
     backbone = keras_aim.AIMBackbone(
         image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2

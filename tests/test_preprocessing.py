@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import keras_aim
-from keras_aim.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from keras_aim.models.aim.aim_image_converter import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import to_numpy
 
 

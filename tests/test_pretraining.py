@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim import losses
+from keras_aim.training import losses
 from keras_aim.layers import AIMPixelHead, AIMPrefixSampler
 from tests.conftest import make_tiny_backbone, to_numpy
 

@@ -26,7 +26,7 @@ def test_readme_example_runs(monkeypatch):
 def test_readme_downstream_example_runs(monkeypatch, tmp_path):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (downstream,) = [b for b in blocks if b.startswith("# Continues the example above")]
+    (downstream,) = [b for b in blocks if b.startswith("# Continues the quickstart")]
     monkeypatch.chdir(ROOT)
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import keras_aim
-from keras_aim import released_weights
-from keras_aim.download import ChecksumError, DownloadError, OfflineError
-from keras_aim.presets import AIM_PRESETS
+from keras_aim.loading import preset_cache
+from keras_aim.loading.download import ChecksumError, DownloadError, OfflineError
+from keras_aim.models.aim.aim_presets import AIM_PRESETS
 from tests.conftest import fixture_path, to_numpy
 from tests.tiny_release import FILES, NAME
 
 def cache_entries():
-    home = released_weights.keras_aim_home()
+    home = preset_cache.keras_aim_home()
     found = []
     for root, _, files in os.walk(home):
         found += [os.path.relpath(os.path.join(root, f), home) for f in files]
@@ -59,7 +59,7 @@ def test_first_load_downloads_converts_caches_second_is_offline(
     assert len(release.requests) == count  # no connection opened
 
     # The cache is a standard keras-hub preset directory.
-    cache_dir = released_weights.backbone_cache_dir(NAME)
+    cache_dir = preset_cache.preset_cache_dir(NAME)
     restored = keras_hub.models.Backbone.from_preset(cache_dir)
     assert isinstance(restored, keras_aim.AIMBackbone)
 
@@ -93,7 +93,7 @@ def test_download_cut_in_the_middle_resumes(release, reference):
 
 def test_partial_file_from_an_earlier_run_resumes(release):
     served = FILES["backbone"][0]
-    partial = released_weights.downloaded_path(served) + ".part"
+    partial = preset_cache.downloaded_path(served) + ".part"
     os.makedirs(os.path.dirname(partial))
     with open(partial, "wb") as handle:
         handle.write(release.files[served][:123_456])
@@ -108,7 +108,7 @@ def test_offline_with_empty_cache_names_the_missing_file(release, monkeypatch):
         keras_aim.AIMBackbone.from_preset(NAME)
     message = str(info.value)
     assert served in message
-    assert released_weights.downloaded_path(served) in message
+    assert preset_cache.downloaded_path(served) in message
     assert release.requests == []
 
 
@@ -139,7 +139,7 @@ def test_directory_with_unknown_pth_files_is_refused(release, tmp_path):
 def test_bfloat16_converts_and_caches_in_bfloat16(release, reference):
     backbone = keras_aim.AIMBackbone.from_preset(NAME, dtype="bfloat16")
     assert backbone.blocks[0].mlp.fc1.kernel.dtype == "bfloat16"
-    assert os.path.isdir(released_weights.backbone_cache_dir(NAME, "bfloat16"))
+    assert os.path.isdir(preset_cache.preset_cache_dir(NAME, "bfloat16"))
     tokens = to_numpy(keras.ops.cast(backbone(reference["images_nhwc"]), "float32"))
     np.testing.assert_allclose(tokens, reference["final_normed_tokens"], atol=0.1)
 
@@ -150,7 +150,7 @@ def test_float32_cache_serves_bfloat16(release):
     backbone = keras_aim.AIMBackbone.from_preset(NAME, dtype="bfloat16")
     assert backbone.blocks[0].attn.qkv.kernel.dtype == "bfloat16"
     assert len(release.requests) == count
-    assert not os.path.exists(released_weights.backbone_cache_dir(NAME, "bfloat16"))
+    assert not os.path.exists(preset_cache.preset_cache_dir(NAME, "bfloat16"))
 
 
 def test_probe_layers_without_released_head_is_refused(release):
@@ -167,7 +167,7 @@ def test_new_num_classes_builds_untrained_probe_without_head(release):
 
 
 def test_server_errors_are_retried_then_reported(release, monkeypatch):
-    from keras_aim import download
+    from keras_aim.loading import download
 
     monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
     served = FILES["backbone"][0]
@@ -180,4 +180,4 @@ def test_server_errors_are_retried_then_reported(release, monkeypatch):
         lambda *args: (_ for _ in ()).throw(ConnectionResetError("reset")),
     )
     with pytest.raises(DownloadError, match="after 5 attempts .*reset.*run again to resume"):
-        download.download_file("http://127.0.0.1:9/x.pth", str(released_weights.downloaded_path("x.pth")), "00")
+        download.download_file("http://127.0.0.1:9/x.pth", str(preset_cache.downloaded_path("x.pth")), "00")

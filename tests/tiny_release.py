@@ -3,7 +3,7 @@
 
 import hashlib
 
-from keras_aim.presets import AIM_PRESETS, register_preset
+from keras_aim.models.aim.aim_presets import AIM_PRESETS, register_preset
 from tests.conftest import TINY_CONFIG, fixture_path
 from tests.release_server import ReleaseServer
 

@@ -1,5 +1,6 @@
 """Writes `weights/manifest.json` and `weights/model_cards/*.md` from
-`keras_aim/presets.py`, the single source of the released checkpoints.
+`keras_aim/models/aim/aim_presets.py`, the single source of the released
+checkpoints.
 
     python weights/build_manifest.py           # rewrite the files
     python weights/build_manifest.py --check   # exit 1 if they are stale
@@ -12,13 +13,14 @@ import json
 import os
 import sys
 
+from keras_aim.models.aim.aim_presets import (
+    AIM_PRESETS,
+    RELEASE_BASE_URL,
+    RELEASED_PRESETS as RELEASED,
+)
+from keras_aim.utils.atomic_files import atomic_file
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-from keras_aim.presets import AIM_PRESETS, RELEASE_BASE_URL  # noqa: E402
-
-RELEASED = ("aim_600m", "aim_1b", "aim_3b", "aim_7b")
-SIZES = {"aim_600m": "0.6B", "aim_1b": "1B", "aim_3b": "3B", "aim_7b": "7B"}
 
 
 def manifest() -> dict:
@@ -51,7 +53,7 @@ def model_card(name: str) -> str:
         template = handle.read()
     return template.format(
         preset=name,
-        size=SIZES[name],
+        size=entry["size"],
         hidden_dim=config["hidden_dim"],
         num_layers=config["num_layers"],
         num_heads=config["num_heads"],
@@ -91,10 +93,8 @@ def main() -> int:
             continue
         stale.append(path)
         if not args.check:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as handle:
+            with atomic_file(path) as staging, open(staging, "w") as handle:
                 handle.write(text)
-            os.replace(path + ".tmp", path)
     if args.check and stale:
         print("stale (run python weights/build_manifest.py):", *stale, sep="\n  ")
         return 1

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from keras_aim.utils.atomic_files import atomic_directory
 
 
 def convert(
@@ -33,12 +30,12 @@ def convert(
     """Writes the preset directories; returns their paths."""
     from build_manifest import RELEASED, model_card
 
-    from keras_aim import released_weights
-    from keras_aim.backbone import AIMBackbone
-    from keras_aim.classifier import AIMImageClassifier
-    from keras_aim.preprocessing import AIMImageClassifierPreprocessor
+    from keras_aim.loading.preset_cache import SHARD_SIZE_GB
+    from keras_aim.models.aim.aim_backbone import AIMBackbone, evaluation_preprocessor
+    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+    from keras_aim.models.aim.aim_presets import resolve_release
 
-    name, _ = released_weights.resolve_release(source)
+    name, _ = resolve_release(source)
     if name is None:
         raise ValueError(
             f"{source!r} is neither a released preset name nor a directory of "
@@ -63,53 +60,22 @@ def convert(
             model = AIMBackbone.from_preset(source, **options)
         else:
             model = AIMImageClassifier.from_preset(source, probe_layers=kind, **options)
-        with _replacing(paths[target]) as staging:
-            model.save_to_preset(staging, max_shard_size=released_weights.SHARD_SIZE_GB)
+        with atomic_directory(paths[target], replace=True) as staging:
+            model.save_to_preset(staging, max_shard_size=SHARD_SIZE_GB)
             if card:
                 _write(os.path.join(staging, "README.md"), card)
         if not backbone_saved:
             backbone = model.backbone if kind else model
-            with _replacing(paths[name]) as staging:
-                backbone.save_to_preset(
-                    staging, max_shard_size=released_weights.SHARD_SIZE_GB
-                )
+            with atomic_directory(paths[name], replace=True) as staging:
+                backbone.save_to_preset(staging, max_shard_size=SHARD_SIZE_GB)
                 preprocessor = getattr(model, "preprocessor", None)
                 if preprocessor is None:
-                    preprocessor = AIMImageClassifierPreprocessor.from_preset(
-                        released_weights.backbone_cache_dir(name)
-                    )
+                    preprocessor = evaluation_preprocessor(name)
                 preprocessor.save_to_preset(staging)
                 if card:
                     _write(os.path.join(staging, "README.md"), card)
             backbone_saved = True
     return list(paths.values())
-
-
-class _replacing:
-    """A staging directory that replaces `target` when the block succeeds."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __enter__(self) -> str:
-        self.staging = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(self.target)}.tmp-",
-            dir=os.path.dirname(self.target),
-        )
-        return self.staging
-
-    def __exit__(self, exc_type, exc, traceback):
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return False
-        old = None
-        if os.path.exists(self.target):
-            old = self.staging + ".old"
-            os.rename(self.target, old)
-        os.rename(self.staging, self.target)
-        if old:
-            shutil.rmtree(old)
-        return False
 
 
 def _write(path: str, text: str) -> None:

@@ -12,7 +12,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from keras_aim.preprocessing import IMAGENET_MEAN, IMAGENET_STD, AIMImageConverter
+from keras_aim.models.aim.aim_image_converter import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AIMImageConverter,
+)
 
 AUGMENTATIONS = ("aim", "shift", "none")
 

@@ -49,7 +49,6 @@ class AIMPixelHeadBlock(keras.layers.Layer):
                 "width": self.width,
                 "mlp_ratio": self.mlp_ratio,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
-                "remat": self.remat,
             }
         )
         return config

@@ -1,22 +1,20 @@
-"""The paper's pre-training settings shared by the released sizes (AIM
-section 4). The paper trains on DFN-2B+ (not public); these configs read
-ImageNet-1k from tensorflow-datasets; point --data elsewhere for other data."""
+"""The paper's pre-training settings for the released sizes (AIM section 4),
+read from keras_aim's preset table. The paper trains on DFN-2B+ (not
+public); these configs read ImageNet-1k from tensorflow-datasets; point
+--data elsewhere for other data."""
+
+from keras_aim.models.aim.aim_presets import PAPER_PRETRAINING, pretraining_architecture
 
 
-def paper_config(hidden_dim: int, num_layers: int, num_heads: int, total_steps: int) -> dict:
+def paper_config(name: str) -> dict:
+    """The paper's pre-training run of released preset `name`."""
     return dict(
+        **pretraining_architecture(name),
         data="tfds:imagenet2012",
-        image_size=224,
-        patch_size=14,
-        hidden_dim=hidden_dim,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        pixel_head_width=2048,
-        pixel_head_depth=12,
-        batch_size=4096,
-        total_steps=total_steps,
-        learning_rate=1e-3,
+        batch_size=PAPER_PRETRAINING["batch_size"],
+        total_steps=PAPER_PRETRAINING["total_steps"][name],
+        learning_rate=PAPER_PRETRAINING["learning_rate"],
         augmentation="aim",
-        precision="mixed_bfloat16",
+        precision=PAPER_PRETRAINING["precision"],
         checkpoint_every=1000,
     )

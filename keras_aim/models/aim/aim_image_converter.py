@@ -1,6 +1,12 @@
 """AIM evaluation preprocessing: resize the shorter side, center crop,
-ImageNet mean/std. Subclasses of keras-hub's ImageConverter and
-ImageClassifierPreprocessor, so presets save and load them."""
+ImageNet mean/std. A subclass of keras-hub's `ImageConverter`, so presets
+save and load it.
+
+The converter sits below the models: it imports none of them, and
+`aim_backbone` names itself as its `backbone_cls` (keras-hub uses that to
+pick the converter class of a preset), so a model can write its converter
+into a preset it creates.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,6 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.layers import ImageConverter
-from keras_hub.models import ImageClassifierPreprocessor
-
-from keras_aim.backbone import AIMBackbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,8 +78,6 @@ class AIMImageConverter(ImageConverter):
         scale, offset: per-channel affine applied after resizing; default
             to ImageNet normalization of [0, 255] pixels.
     """
-
-    backbone_cls = AIMBackbone
 
     def __init__(
         self,
@@ -162,12 +163,3 @@ class AIMImageConverter(ImageConverter):
         config = super().get_config()
         config["resize_size"] = self.resize_size
         return config
-
-
-@keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifierPreprocessor(ImageClassifierPreprocessor):
-    """Applies `AIMImageConverter` to images, passing labels through."""
-
-    backbone_cls = AIMBackbone
-    image_converter_cls = AIMImageConverter
-

@@ -1,10 +1,15 @@
-"""Loading Apple's released AIM-v1 state dicts into Keras models.
+"""Reading PyTorch-style state dicts and filling Keras variables from them.
 
-Released files are PyTorch state dicts (`*_backbone.pth` with `preprocessor.*`
-and `trunk.*` keys, `*_head_*_layers.pth` with `head.*` keys); safetensors
-files and in-memory dicts with the same key names work too. Layouts:
-torch Linear `(out, in)` -> Keras kernel `(in, out)`; torch conv `OIHW` ->
-Keras `HWIO`; everything else as is.
+Checkpoints of the released models are PyTorch state dicts (`.pth` zip
+files, read here without torch, one tensor at a time), `.safetensors` files,
+or in-memory dicts of arrays. A model family's converter (e.g.
+`keras_aim.models.aim.convert_aim`) maps its key names to Keras variables and
+a layout transform; `assign_strictly` checks every key and shape of that map
+before it changes any variable. This module imports no model.
+
+Layouts: torch Linear `(out, in)` -> Keras kernel `(in, out)` (`linear`);
+torch conv `OIHW` -> Keras `HWIO` (`conv`); everything else as is
+(`identity`).
 """
 
 from __future__ import annotations
@@ -13,35 +18,32 @@ import collections
 import os
 import pickle
 import zipfile
-from typing import Any, Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
-from keras_aim.memory import limit_heap_fragmentation
+from keras_aim.loading.lean_loading import limit_heap_fragmentation
 
 StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
 
-# Keys in released files that carry no model state.
-IGNORED_KEYS = frozenset({"head.bn.num_batches_tracked"})
 
-
-def _identity(x):
+def identity(x):
     return x
 
 
-def _linear(x):  # torch (out, in) -> Keras (in, out)
+def linear(x):  # torch (out, in) -> Keras (in, out)
     return x.T
 
 
-def _conv(x):  # torch (O, I, H, W) -> Keras (H, W, I, O)
+def conv(x):  # torch (O, I, H, W) -> Keras (H, W, I, O)
     return x.transpose(2, 3, 1, 0)
 
 
-def _torch_shape(keras_shape: tuple, transform: Callable) -> tuple:
+def torch_shape(keras_shape: tuple, transform: Callable) -> tuple:
     """The shape a released tensor must have to fill a Keras variable."""
-    if transform is _linear:
+    if transform is linear:
         return tuple(reversed(keras_shape))
-    if transform is _conv:
+    if transform is conv:
         h, w, i, o = keras_shape
         return (o, i, h, w)
     return tuple(keras_shape)
@@ -49,46 +51,6 @@ def _torch_shape(keras_shape: tuple, transform: Callable) -> tuple:
 
 class WeightLoadingError(ValueError):
     """Released weights do not fit the model; nothing was loaded."""
-
-
-def trunk_variable_map(backbone) -> dict[str, tuple[Any, Callable]]:
-    """Released key -> (Keras variable, layout transform) for an AIMBackbone."""
-    pe = backbone.patch_embedding
-    table = {
-        "preprocessor.patchifier.proj.weight": (pe.proj.kernel, _conv),
-        "preprocessor.patchifier.proj.bias": (pe.proj.bias, _identity),
-        "preprocessor.patchifier.norm.weight": (pe.norm.gamma, _identity),
-        "preprocessor.patchifier.norm.bias": (pe.norm.beta, _identity),
-        "trunk.post_trunk_norm.weight": (backbone.post_trunk_norm.gamma, _identity),
-        "trunk.post_trunk_norm.bias": (backbone.post_trunk_norm.beta, _identity),
-    }
-    for i, block in enumerate(backbone.blocks):
-        prefix = f"trunk.blocks.{i}."
-        table.update(
-            {
-                prefix + "norm_1.weight": (block.norm_1.gamma, _identity),
-                prefix + "norm_1.bias": (block.norm_1.beta, _identity),
-                prefix + "attn.qkv.weight": (block.attn.qkv.kernel, _linear),
-                prefix + "attn.proj.weight": (block.attn.proj.kernel, _linear),
-                prefix + "norm_2.weight": (block.norm_2.gamma, _identity),
-                prefix + "norm_2.bias": (block.norm_2.beta, _identity),
-                prefix + "mlp.fc1.weight": (block.mlp.fc1.kernel, _linear),
-                prefix + "mlp.fc2.weight": (block.mlp.fc2.kernel, _linear),
-            }
-        )
-    return table
-
-
-def probe_variable_map(probe) -> dict[str, tuple[Any, Callable]]:
-    """Released key -> (Keras variable, transform) for an AIMAttentionProbe."""
-    return {
-        "head.cls_token": (probe.cls_token, _identity),
-        "head.k.weight": (probe.k.kernel, _linear),
-        "head.v.weight": (probe.v.kernel, _linear),
-        "head.linear.weight": (probe.linear.kernel, _linear),
-        "head.bn.running_mean": (probe.bn.moving_mean, _identity),
-        "head.bn.running_var": (probe.bn.moving_variance, _identity),
-    }
 
 
 class _StateDict:
@@ -105,8 +67,8 @@ class _StateDict:
         self.name = path
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"Released weight file {path!r} does not exist. Download "
-                "it (see keras_aim.AIM_PRESETS for names and URLs) or fix "
+                f"Weight file {path!r} does not exist. Download it (`keras-aim "
+                "info` lists the released presets and their files) or fix "
                 "the path."
             )
         if path.endswith(".safetensors"):
@@ -315,109 +277,58 @@ def _numpy_dtype(name: str):
     return name
 
 
-def _model_parts(model):
-    """(backbone, probe or None) of an AIMBackbone or AIMImageClassifier."""
-    from keras_aim.backbone import AIMBackbone
-    from keras_aim.classifier import AIMImageClassifier
-
-    if isinstance(model, AIMImageClassifier):
-        return model.backbone, model.probe
-    if isinstance(model, AIMBackbone):
-        return model, None
-    raise TypeError(
-        "load_official_weights expects an AIMBackbone or AIMImageClassifier; "
-        f"received {type(model).__name__}."
-    )
+VariableMap = Mapping[str, "tuple[Any, Callable]"]
 
 
-def load_official_weights(
-    model,
-    backbone_file: StateDictLike | None = None,
-    head_file: StateDictLike | None = None,
+def assign_strictly(
+    expected: VariableMap,
+    sources: Sequence["_StateDict"],
+    model_name: str,
+    ignored: frozenset = frozenset(),
+    unexpected_reason: Callable[[str], str] = lambda key: "not a key of this model",
+    hint: str = "",
 ) -> None:
-    """Loads released AIM-v1 weights into an `AIMBackbone` or
-    `AIMImageClassifier`.
+    """Fills the variables of `expected` (key -> (variable, transform)) from
+    `sources`, all-or-nothing on names and shapes.
 
-    Args:
-        model: the Keras model (its architecture must match the files).
-        backbone_file: a released `*_backbone.pth`, a `.safetensors` file, or
-            a dict of arrays with `preprocessor.*` / `trunk.*` keys. A file
-            that also holds `head.*` keys fills the classifier's probe.
-        head_file: a released `*_head_{last,best}_layers.pth` (or the same
-            other forms) with `head.*` keys; classifiers only.
-
-    Loading is strict and all-or-nothing: every key and shape is checked
-    before any variable changes, and one `WeightLoadingError` lists every
-    missing key, unexpected key and shape mismatch. Variables are then filled
-    one tensor at a time, so no second full copy of the weights is held.
+    Every key and shape is checked first; one `WeightLoadingError` lists
+    every missing key, unexpected key (with `unexpected_reason(key)`) and
+    shape mismatch, and then nothing has changed. Variables are filled one
+    tensor at a time, so no second full copy of the weights is held.
+    Keys in `ignored` carry no model state and are skipped.
     """
-    backbone, probe = _model_parts(model)
-    if backbone_file is None and head_file is None:
-        raise ValueError(
-            "load_official_weights needs backbone_file and/or head_file."
-        )
-    if head_file is not None and probe is None:
-        raise ValueError(
-            "head_file was given but the model is an AIMBackbone, which has "
-            "no probe head. Load it into an AIMImageClassifier instead."
-        )
-    limit_heap_fragmentation()
-    sources = [
-        _StateDict(s) for s in (backbone_file, head_file) if s is not None
-    ]
-    try:
-        _check_and_assign(
-            model,
-            backbone,
-            probe,
-            sources,
-            trunk_given=backbone_file is not None,
-            head_given=head_file is not None,
-        )
-    finally:
-        for source in sources:
-            source.close()
-
-
-def _check_and_assign(
-    model, backbone, probe, sources, trunk_given: bool, head_given: bool
-) -> None:
-    """Validates every key and shape first, then fills the variables one
-    tensor at a time; raises before touching anything if a check fails."""
     found = {}  # key -> source
     for source in sources:
         for key in source.keys():
-            if key not in IGNORED_KEYS:
+            if key not in ignored:
                 found[key] = source
-
-    trunk_map = trunk_variable_map(backbone)
-    head_map = probe_variable_map(probe) if probe is not None else {}
-    expected = dict(trunk_map) if trunk_given else {}
-    if head_given or any(k.startswith("head.") for k in found):
-        expected.update(head_map)
-    known = {**trunk_map, **head_map}
-
     missing, unexpected, mismatched = [], [], []
     for key, (variable, transform) in expected.items():
-        want = _torch_shape(tuple(variable.shape), transform)
+        want = torch_shape(tuple(variable.shape), transform)
         if key not in found:
             missing.append(f"{key}  expected shape {want}")
         elif found[key].shape(key) != want:
-            mismatched.append(
-                f"{key}  expected shape {want}, found {found[key].shape(key)}"
-            )
+            mismatched.append(f"{key}  expected shape {want}, found {found[key].shape(key)}")
     for key, source in found.items():
         if key not in expected:
-            reason = (
-                "head keys need an AIMImageClassifier"
-                if key in known or key.startswith("head.")
-                else "not an AIM-v1 key for this model"
-            )
-            unexpected.append(f"{key}  shape {source.shape(key)} ({reason})")
+            unexpected.append(f"{key}  shape {source.shape(key)} ({unexpected_reason(key)})")
     if missing or unexpected or mismatched:
-        raise WeightLoadingError(
-            _problem_report(model, sources, missing, unexpected, mismatched)
-        )
+        lines = [
+            f"Cannot load weights from {', '.join(s.name for s in sources)} into "
+            f"{model_name}; nothing was loaded."
+        ]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                lines.append(f"{len(items)} {title}:")
+                lines.extend(f"  {item}" for item in items)
+        if hint:
+            lines.append(hint)
+        raise WeightLoadingError("\n".join(lines))
+    limit_heap_fragmentation()
     for key, (variable, transform) in expected.items():
         _assign(variable, transform(found[key].array(key)))
 
@@ -428,26 +339,3 @@ def _assign(variable, value: np.ndarray) -> None:
     if value.dtype.name == "bfloat16":  # not every backend takes ml_dtypes
         value = value.astype("float32")
     variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
-
-
-def _problem_report(model, sources, missing, unexpected, mismatched) -> str:
-    lines = [
-        f"Cannot load released weights from "
-        f"{', '.join(s.name for s in sources)} into "
-        f"{type(model).__name__}; nothing was loaded."
-    ]
-    for title, items in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches", mismatched),
-    ):
-        if items:
-            lines.append(f"{len(items)} {title}:")
-            lines.extend(f"  {item}" for item in items)
-    lines.append(
-        "Check that the files belong to this architecture (e.g. aim_600m "
-        "files for an aim_600m model, a head for the same num_classes) and "
-        "that backbone and head files are passed as such."
-    )
-    return "\n".join(lines)
-

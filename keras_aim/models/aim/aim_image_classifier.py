@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence, Union
 
 import keras
 from keras_hub.models import ImageClassifier, Task
 
-from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMAttentionProbe
-from keras_aim.memory import limit_heap_fragmentation
-from keras_aim.preprocessing import (
-    AIMImageClassifierPreprocessor,
-    AIMImageConverter,
+from keras_aim.loading import preset_cache
+from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.models.aim import aim_presets
+from keras_aim.models.aim.aim_backbone import (
+    AIMBackbone,
+    cached_release_preset,
+    evaluation_preprocessor,
 )
-from keras_aim.presets import (
+from keras_aim.models.aim.aim_image_classifier_preprocessor import (
+    AIMImageClassifierPreprocessor,
+)
+from keras_aim.models.aim.aim_presets import (
     AIM_PRESETS,
     HEAD_KINDS,
     PROBE_NUM_BLOCKS,
     get_preset,
     preset_for_architecture,
 )
+from keras_aim.models.aim.convert_aim import load_official_weights
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -175,9 +182,7 @@ class AIMImageClassifier(ImageClassifier):
         untrained probe instead (as keras-hub does). Local keras-hub preset
         directories and `kaggle://` / `hf://` handles go through keras-hub.
         """
-        from keras_aim import released_weights
-
-        name, release_dir = released_weights.resolve_release(preset)
+        name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
             limit_heap_fragmentation()  # keeps loading near 1x the weights
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
@@ -188,28 +193,46 @@ class AIMImageClassifier(ImageClassifier):
         new_probe = "num_classes" in kwargs
         kwargs.setdefault("num_classes", entry["num_classes"])
         kwargs.setdefault("probe_layers", "best")
-        height, width = entry["config"]["image_shape"][:2]
-        kwargs.setdefault(
-            "preprocessor",
-            AIMImageClassifierPreprocessor(
-                AIMImageConverter(image_size=(height, width))
-            ),
-        )
+        kwargs.setdefault("preprocessor", evaluation_preprocessor(name))
         if not load_weights:
             backbone = AIMBackbone(**{**entry["config"], **backbone_kwargs})
             return cls(backbone=backbone, **kwargs)
 
         head = None if new_probe else released_head_kind(entry, kwargs["probe_layers"])
-        backbone_dir = released_weights.cached_backbone_preset(
-            name, backbone_kwargs.get("dtype"), release_dir
+        backbone_dir = cached_release_preset(
+            AIMBackbone, name, backbone_kwargs.get("dtype"), release_dir
         )
         backbone = AIMBackbone.from_preset(backbone_dir, **backbone_kwargs)
         classifier = cls(backbone=backbone, **kwargs)
         if head is not None:
-            released_weights.load_released_head(
-                classifier, name, head, backbone_dir, release_dir
-            )
+            load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
+
+
+def load_released_head(
+    classifier: AIMImageClassifier,
+    name: str,
+    kind: str,
+    backbone_dir: str,
+    release_dir: str | None = None,
+    progress: bool = True,
+) -> None:
+    """Fills `classifier`'s probe with preset `name`'s released `kind` head
+    ("best" or "last"), converting it into the cache on first use."""
+    filename, sha256 = get_preset(name)["files"][f"head_{kind}"]
+
+    def write(staging: str) -> None:
+        source = preset_cache.release_file(
+            filename, sha256, aim_presets.RELEASE_BASE_URL, release_dir, progress
+        )
+        load_official_weights(classifier, head_file=source)
+        classifier.save_task_weights(staging)
+
+    cached = preset_cache.head_cache_path(backbone_dir, kind)
+    if os.path.exists(cached):
+        classifier.load_task_weights(cached)
+    else:
+        preset_cache.cached_file(cached, write)
 
 
 def released_head_kind(entry: dict, probe_layers: ProbeLayers) -> str:
@@ -233,47 +256,3 @@ def released_head_kind(entry: dict, probe_layers: ProbeLayers) -> str:
         "to build a new, untrained probe on other blocks."
     )
 
-
-def head_num_classes(path: str) -> int:
-    """Number of classes of a probe head file: a released-format head
-    (`.pth` / `.safetensors`, `head.linear.weight` of shape `(C, D)`) or a
-    task-weights file written by `save_task_weights` (`.weights.h5`)."""
-    if str(path).endswith(".weights.h5"):
-        import h5py
-
-        with h5py.File(path, "r") as handle:
-            kernels = []
-            handle.visititems(
-                lambda name, item: kernels.append(item.shape[-1])
-                if name.endswith("linear/vars/0") and "probe" in name else None
-            )
-        if len(kernels) != 1:
-            raise ValueError(f"{path} holds no attentive-probe weights.")
-        return int(kernels[0])
-    from keras_aim.conversion import open_state_dict
-
-    state = open_state_dict(path)
-    try:
-        if "head.linear.weight" not in state.keys():
-            raise ValueError(f"{path} holds no released probe head (head.* keys).")
-        return int(state.shape("head.linear.weight")[0])
-    finally:
-        state.close()
-
-
-def load_head(classifier: AIMImageClassifier, path: str) -> None:
-    """Fills `classifier`'s probe from a head file (released format or
-    `.weights.h5`), refusing a class-count mismatch with a clear error."""
-    found = head_num_classes(path)
-    if found != classifier.num_classes:
-        raise ValueError(
-            f"The head {path} predicts {found} classes but the data has "
-            f"{classifier.num_classes}; use the data the head was trained on, "
-            "or train a new probe."
-        )
-    if str(path).endswith(".weights.h5"):
-        classifier.load_task_weights(path)
-    else:
-        from keras_aim.conversion import load_official_weights
-
-        load_official_weights(classifier, head_file=path)

@@ -16,8 +16,9 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from keras_aim.atomic_files import atomic_directory, atomic_file
 from keras_aim.layers import AIMAttentionProbe
+from keras_aim.training.optimizers import adamw_warmup_cosine
+from keras_aim.utils.atomic_files import atomic_directory, atomic_file
 
 
 def _feature_batches(backbone, images, block_indices, batch_size):
@@ -149,26 +150,6 @@ def _read_cache_entry(entry: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.memmap(path, dtype="float32", mode="r", shape=shape), labels
 
 
-def adamw_warmup_cosine(
-    learning_rate: float,
-    total_steps: int,
-    weight_decay: float = 0.05,
-    gradient_accumulation_steps: int | None = None,
-) -> keras.optimizers.AdamW:
-    """AdamW whose rate rises linearly from 0 over the first 10% of
-    `total_steps` (batches, accumulated or not), then follows a cosine decay
-    to 0 (probes, LoRA)."""
-    warmup = max(1, total_steps // 10)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total_steps - warmup), warmup_target=learning_rate,
-        warmup_steps=warmup,
-    )
-    return keras.optimizers.AdamW(
-        schedule, weight_decay=weight_decay,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-    )
-
-
 def train_attentive_probe(
     features: np.ndarray,
     labels: np.ndarray,
@@ -246,7 +227,7 @@ def save_probe(classifier, directory: str) -> str:
     """Writes `classifier`'s probe (and nothing of the trunk) to
     `directory/probe.weights.h5` through a temporary file; returns the
     path. Load it with `classifier.load_task_weights` or
-    `keras_aim.classifier.load_head`."""
+    `keras_aim.models.aim.convert_aim.load_head`."""
     path = os.path.join(directory, "probe.weights.h5")
     with atomic_file(path) as staging:
         classifier.save_task_weights(staging)

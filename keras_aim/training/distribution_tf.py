@@ -19,7 +19,7 @@ def mirrored_strategy(num_replicas: int) -> tf.distribute.MirroredStrategy:
             f"MirroredStrategy over {num_replicas} replicas needs as many "
             f"devices, but TensorFlow sees {len(devices)} {kind}; use "
             f"--mesh {len(devices)}x1, or on CPU call "
-            "keras_aim.distribution_tf.split_cpu(n) before TensorFlow starts."
+            "keras_aim.training.distribution_tf.split_cpu(n) before TensorFlow starts."
         )
     return tf.distribute.MirroredStrategy(
         [device.name for device in devices[:num_replicas]]

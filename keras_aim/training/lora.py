@@ -13,7 +13,8 @@ import tempfile
 
 import keras
 
-from keras_aim.atomic_files import atomic_directory, atomic_file
+from keras_aim.training.optimizers import adamw_warmup_cosine
+from keras_aim.utils.atomic_files import atomic_directory, atomic_file
 
 
 def lora_parameter_count(model) -> int:
@@ -64,8 +65,6 @@ def fit_lora(
     the trunk frozen but its adapters, the probe trainable) on `train`,
     batches of `(normalized images, labels)`, with AdamW and warmup +
     cosine. Returns the Keras `History`."""
-    from keras_aim.probing import adamw_warmup_cosine
-
     if not getattr(classifier.backbone, "_lora_enabled_layers", None):
         raise ValueError("The trunk has no adapters; call backbone.enable_lora(rank) first.")
     classifier.compile(
@@ -74,4 +73,7 @@ def fit_lora(
             gradient_accumulation_steps,
         )
     )
-    return classifier.fit(train, epochs=epochs, verbose=verbose, callbacks=list(callbacks))
+    # The batches come shuffled from their pipeline (see keras_aim.data).
+    return classifier.fit(
+        train, epochs=epochs, verbose=verbose, callbacks=list(callbacks), shuffle=False
+    )

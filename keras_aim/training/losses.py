@@ -32,16 +32,30 @@ def unpatchify(patches, patch_size: int, grid: tuple[int, int], channels: int = 
     return ops.reshape(x, (batch, rows * patch_size, cols * patch_size, channels))
 
 
+def patch_statistics(patches, epsilon: float = PATCH_NORM_EPSILON):
+    """Per-patch `(mean, std)` of `(B, N, p*p*C)` patches, each `(B, N, 1)`:
+    the mean of the p*p*C values and `sqrt(unbiased variance + epsilon)`."""
+    count = patches.shape[-1]
+    mean = ops.mean(patches, axis=-1, keepdims=True)
+    variance = ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (count - 1)
+    return mean, ops.sqrt(variance + epsilon)
+
+
 def normalized_patch_targets(images, patch_size: int, epsilon=PATCH_NORM_EPSILON):
     """Per-patch normalized pixels `(B, N, p*p*C)`: each patch minus its mean,
     divided by `sqrt(unbiased variance + epsilon)`."""
     patches = ops.cast(patchify(images, patch_size), "float32")
-    count = patches.shape[-1]
-    mean = ops.mean(patches, axis=-1, keepdims=True)
-    variance = ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (
-        count - 1
+    mean, std = patch_statistics(patches, epsilon)
+    return (patches - mean) / std
+
+
+def next_patch_errors(images, predictions, patch_size: int):
+    """`(B, N-1)` mean squared error of each next-patch prediction:
+    `predictions[:, k]` against the normalized patch `k + 1`."""
+    targets = normalized_patch_targets(images, patch_size)
+    return ops.mean(
+        ops.square(ops.cast(predictions[:, :-1], "float32") - targets[:, 1:]), axis=-1
     )
-    return (patches - mean) / ops.sqrt(variance + epsilon)
 
 
 def next_patch_target_mask(prefix_lengths, num_patches: int):
@@ -75,11 +89,8 @@ def next_patch_pixel_loss_terms(images, predictions, prefix_lengths, patch_size:
     """The numerator and denominator of `next_patch_pixel_loss`: the summed
     per-position errors of the counted targets, and their number (scalars).
     Data-parallel replicas add both up across the global batch."""
-    targets = normalized_patch_targets(images, patch_size)
-    errors = ops.mean(
-        ops.square(ops.cast(predictions[:, :-1], "float32") - targets[:, 1:]), axis=-1
-    )
-    mask = next_patch_target_mask(prefix_lengths, ops.shape(targets)[1])
+    errors = next_patch_errors(images, predictions, patch_size)
+    mask = next_patch_target_mask(prefix_lengths, ops.shape(predictions)[1])
     return ops.sum(errors * mask), ops.sum(mask)
 
 
@@ -98,10 +109,7 @@ class NormalizedPixelLoss(keras.losses.Loss):
         self.patch_size = patch_size
 
     def call(self, y_true, y_pred):
-        targets = normalized_patch_targets(y_true, self.patch_size)
-        return ops.mean(
-            ops.square(ops.cast(y_pred[:, :-1], "float32") - targets[:, 1:]), axis=-1
-        )
+        return next_patch_errors(y_true, y_pred, self.patch_size)
 
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size}

@@ -18,7 +18,7 @@ import re
 import keras
 import numpy as np
 
-from keras_aim.atomic_files import atomic_file
+from keras_aim.utils.atomic_files import atomic_file
 
 _NAME = "ckpt-{step:09d}.npz"
 _PATTERN = re.compile(r"ckpt-(\d{9})\.npz$")

@@ -37,9 +37,11 @@ from typing import Iterable, Sequence
 import keras
 from keras import ops
 
-from keras_aim.backbone import AIMBackbone
-from keras_aim.classifier import AIMImageClassifier
-from keras_aim.preprocessing import AIMImageConverter
+from keras_aim.models.aim.aim_backbone import AIMBackbone
+from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+from keras_aim.models.aim.aim_image_converter import AIMImageConverter
+from keras_aim.utils.atomic_files import atomic_directory
+from keras_aim.utils.image_shapes import check_patch_multiple
 
 SIGNATURES = ("serving_default", "predict_images", "predict_preprocessed")
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "top_k_indices", "top_k_scores")
@@ -72,34 +74,16 @@ def export_saved_model(
             dynamic `image_shape` (and classifiers without preprocessor);
             otherwise the model's own size. Default 224.
 
-    The version is written into a hidden temporary directory next to it and
-    renamed into place when complete: a failed export leaves existing
-    versions untouched and no partial version behind.
+    The version is written into a hidden staging folder next to it (which
+    TF Serving ignores) and renamed into place when complete: a failed
+    export leaves existing versions untouched and no partial version behind.
     """
     _check_exportable(model, top_k)
     version = resolve_version(export_dir, version, overwrite)
-    base = Path(export_dir)
-    target = base / str(version)
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=base))
-    try:
-        write_saved_model(model, str(staging), top_k=top_k, image_size=image_size)
+    target = Path(export_dir) / str(version)
+    with atomic_directory(str(target), replace=True) as staging:
+        write_saved_model(model, staging, top_k=top_k, image_size=image_size)
         _refuse_existing(target, overwrite)  # someone may have written it meanwhile
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{version}.replaced-", dir=base))
-            os.replace(target, retired / "old")
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(retired / "old", target)  # put the old one back
-                raise
-            finally:
-                shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return str(target)
 
 
@@ -172,11 +156,7 @@ def serving_converter(model, image_size: int | None = None) -> AIMImageConverter
         height = width = image_size
     elif height is None or width is None:
         height = width = DEFAULT_BACKBONE_IMAGE_SIZE
-    if height % backbone.patch_size or width % backbone.patch_size:
-        raise ValueError(
-            f"image_size {height}x{width} is not a multiple of the patch size "
-            f"{backbone.patch_size}."
-        )
+    check_patch_multiple((height, width), backbone.patch_size, "The export's image size")
     return AIMImageConverter(image_size=(height, width))
 
 
@@ -291,13 +271,13 @@ def _write_in_tensorflow_process(model, path, top_k, image_size) -> None:
         model_file = os.path.join(scratch, "model.keras")
         model.save(model_file)
         command = [
-            sys.executable, "-m", "keras_aim.export",
+            sys.executable, "-m", "keras_aim.export.saved_model",
             "--model", model_file, "--saved-model", path, "--top-k", str(top_k),
         ]
         if image_size is not None:
             command += ["--image-size", str(image_size)]
         # The child imports this very keras_aim, installed or not.
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         python_path = os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p
         )
@@ -415,13 +395,15 @@ def keras2_layer(
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """`python -m keras_aim.export`: the TensorFlow-backend half of the
+    """`python -m keras_aim.export.saved_model`: the TensorFlow-backend half of the
     PyTorch export (writes a SavedModel of a `.keras` file into a folder)."""
     import argparse
 
-    import keras_aim  # noqa: F401  (registers the classes for loading)
+    import keras_aim
 
-    parser = argparse.ArgumentParser(prog="python -m keras_aim.export")
+    keras_aim.register_classes()  # for loading the .keras file
+
+    parser = argparse.ArgumentParser(prog="python -m keras_aim.export.saved_model")
     parser.add_argument("--model", required=True)
     parser.add_argument("--saved-model", required=True)
     parser.add_argument("--top-k", type=int, default=5)

@@ -1,7 +1,9 @@
 """The released AIM-v1 models: architectures, checkpoints and reported numbers.
 
-This table is data, not code: everything here comes from the AIM paper and
-Apple's release (see `weights/manifest.json`, generated from it).
+The one source of every AIM-v1 architecture number: the models, the recipes'
+configs, the benchmarks and the release tooling (`weights/`) read this table.
+It is data, not code (no Keras import): everything here comes from the AIM
+paper and Apple's release (see `weights/manifest.json`, generated from it).
 """
 
 from __future__ import annotations
@@ -22,8 +24,21 @@ _COMMON = {
 }
 
 
-def _preset(width, depth, heads, params, best, images, files, top1):
+# The paper's pre-training setting for every released size: the pixel head
+# (section 3.2) and the optimization (section 4, Table 10).
+PAPER_PIXEL_HEAD = {"pixel_head_width": 2048, "pixel_head_depth": 12}
+PAPER_PRETRAINING = {
+    "batch_size": 4096,
+    "learning_rate": 1e-3,
+    "precision": "mixed_bfloat16",
+    "total_steps": {"aim_600m": 500_000, "aim_1b": 1_200_000,
+                    "aim_3b": 1_200_000, "aim_7b": 1_200_000},
+}
+
+
+def _preset(size, width, depth, heads, params, best, images, files, top1):
     return {
+        "size": size,
         "config": {
             **_COMMON,
             "hidden_dim": width,
@@ -50,26 +65,46 @@ def _files(stem, backbone_sha, last_sha, best_sha):
 
 AIM_PRESETS: dict[str, dict[str, Any]] = {
     "aim_600m": _preset(
-        1536, 24, 12, 680_535_552, 14, "2B",
+        "0.6B", 1536, 24, 12, 680_535_552, 14, "2B",
         _files("aim_600m_2bimgs", "0d6f6b8f", "5ce5a341", "ebd45c05"),
         (78.5, 79.4, 81.0),
     ),
     "aim_1b": _preset(
-        2048, 24, 16, 1_209_370_624, 12, "5B",
+        "1B", 2048, 24, 16, 1_209_370_624, 12, "5B",
         _files("aim_1b_5bimgs", "d254ecd3", "db3be2ad", "f1ed7852"),
         (80.6, 82.3, 83.6),
     ),
     "aim_3b": _preset(
-        3072, 24, 24, 2_720_025_600, 12, "5B",
+        "3B", 3072, 24, 24, 2_720_025_600, 12, "5B",
         _files("aim_3b_5bimgs", "8475ce4e", "5c057b30", "ad380e16"),
         (82.2, 83.3, 85.5),
     ),
     "aim_7b": _preset(
-        4096, 32, 32, 6_445_404_160, 14, "5B",
+        "7B", 4096, 32, 32, 6_445_404_160, 14, "5B",
         _files("aim_7b_5bimgs", "184ed94c", "1e5c99ba", "73ecd732"),
         (82.4, 84.0, 86.3),
     ),
 }
+
+
+RELEASED_PRESETS = tuple(AIM_PRESETS)
+
+
+def pretraining_architecture(name: str) -> dict[str, Any]:
+    """The `AIMPretrainer` of released preset `name` as in the paper: its
+    trunk (`image_size`, `patch_size`, `hidden_dim`, `num_layers`,
+    `num_heads`, `mlp_ratio`) and pixel head (`pixel_head_width`,
+    `pixel_head_depth`), as flat numbers (recipes, planner, benchmarks)."""
+    config = get_preset(name)["config"]
+    return {
+        "image_size": config["image_shape"][0],
+        "patch_size": config["patch_size"],
+        "hidden_dim": config["hidden_dim"],
+        "num_layers": config["num_layers"],
+        "num_heads": config["num_heads"],
+        "mlp_ratio": config["mlp_ratio"],
+        **PAPER_PIXEL_HEAD,
+    }
 
 
 def register_preset(
@@ -172,3 +207,38 @@ def preset_for_architecture(config: dict[str, Any]) -> str | None:
         if all(entry["config"][k] == config.get(k) for k in keys):
             return name
     return None
+
+
+def preset_in_release_dir(path) -> str | None:
+    """The preset whose released backbone file is in directory `path` (a
+    folder of downloaded `.pth` files rather than a keras-hub preset)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return None
+    if os.path.exists(os.path.join(path, "config.json")):
+        return None  # a keras-hub preset directory
+    for name, entry in AIM_PRESETS.items():
+        if os.path.exists(os.path.join(path, entry["files"]["backbone"][0])):
+            return name
+    released = sorted(f for f in os.listdir(path) if f.endswith(".pth"))
+    if released:
+        known = ", ".join(e["files"]["backbone"][0] for e in AIM_PRESETS.values())
+        raise ValueError(
+            f"{path} holds {', '.join(released)} but no released AIM backbone "
+            f"file; expected one of: {known}. Keep the released file names, "
+            "or load the files with keras_aim.load_official_weights."
+        )
+    return None
+
+
+def resolve_release(preset) -> tuple[str | None, str | None]:
+    """`(preset name, release directory)` for a preset name or a directory
+    of released files; `(None, None)` for keras-hub presets and handles."""
+    if builtin_preset(preset) is not None:
+        return preset, None
+    name = preset_in_release_dir(preset)
+    return (name, os.fspath(preset)) if name else (None, None)
+
+
+def released_filenames(name: str) -> list[str]:
+    """The released files of preset `name`."""
+    return [filename for filename, _ in get_preset(name)["files"].values()]

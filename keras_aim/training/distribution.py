@@ -10,7 +10,7 @@ sharded, jitted initializer and places loaded values shard by shard).
 
 With TensorFlow, `keras.distribution` is not available in Keras 3.15; data
 parallelism uses `tf.distribute.MirroredStrategy` (see
-`keras_aim.distribution_tf`). With PyTorch neither exists: asking for more
+`keras_aim.training.distribution_tf`). With PyTorch neither exists: asking for more
 than one device raises `DistributionUnavailableError`.
 """
 
@@ -235,7 +235,7 @@ def distribution_scope(mesh: Mesh | str, devices=None):
     if mesh.num_devices == 1:
         return contextlib.nullcontext()
     if keras.config.backend() == "tensorflow":
-        from keras_aim import distribution_tf
+        from keras_aim.training import distribution_tf
 
         return distribution_tf.mirrored_strategy(mesh.batch).scope()
     return distribution_for_mesh(mesh, devices).scope()

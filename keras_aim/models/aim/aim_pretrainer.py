@@ -6,60 +6,15 @@ import keras
 from keras import ops
 from keras_hub.models import Task
 
-from keras_aim.backbone import AIMBackbone
 from keras_aim.layers import AIMPixelHead, AIMPrefixSampler, prefix_causal_mask
-from keras_aim.losses import (
+from keras_aim.models.aim.aim_backbone import AIMBackbone
+from keras_aim.training.losses import (
     next_patch_pixel_loss_terms,
+    patch_statistics,
     patchify,
     unpatchify,
-    PATCH_NORM_EPSILON,
 )
-
-# Variables without weight decay: biases, LayerNorm scale/offset (the fixed
-# position embeddings have no variables).
-NO_WEIGHT_DECAY = ["bias", "gamma", "beta"]
-
-
-def pretraining_optimizer(
-    total_steps: int | None = None,
-    learning_rate: float = 1e-3,
-    warmup_fraction: float = 0.025,
-    warmup_start: float = 1e-6,
-    weight_decay: float = 0.05,
-    global_clipnorm: float = 1.0,
-    gradient_accumulation_steps: int | None = None,
-) -> keras.optimizers.Optimizer:
-    """The paper's optimizer: AdamW (0.9, 0.95, eps 1e-8), weight decay 0.05
-    except biases and norms, global-norm clipping 1.0; with `total_steps`,
-    linear warmup from 1e-6 over the first 2.5% then cosine decay to 0,
-    else a constant learning rate. With `gradient_accumulation_steps=n`
-    (>= 2), the weights change every n-th step with the mean gradient of
-    the last n batches (Keras' own accumulation); the schedule counts every
-    step, so give `total_steps` in steps, not in updates."""
-    schedule = learning_rate
-    if total_steps:
-        if total_steps < 2:
-            raise ValueError(f"total_steps must be >= 2; received {total_steps}.")
-        warmup = max(1, round(warmup_fraction * total_steps))
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=warmup_start,
-            decay_steps=max(1, total_steps - warmup),
-            alpha=0.0,
-            warmup_target=learning_rate,
-            warmup_steps=warmup,
-        )
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=schedule,
-        weight_decay=weight_decay,
-        beta_1=0.9,
-        beta_2=0.95,
-        epsilon=1e-8,
-        global_clipnorm=global_clipnorm,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-    )
-    optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
-    return optimizer
-
+from keras_aim.training.optimizers import pretraining_optimizer
 
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMPretrainer(Task):
@@ -172,7 +127,7 @@ class AIMPretrainer(Task):
             # Under MirroredStrategy each replica sees part of the batch and
             # the gradients are summed: normalize by the global target count
             # so that the sum is the single-device loss.
-            from keras_aim.distribution_tf import sum_over_replicas
+            from keras_aim.training.distribution_tf import sum_over_replicas
 
             count = sum_over_replicas(ops.stop_gradient(count))
         loss = error_sum / ops.maximum(count, 1.0)
@@ -196,12 +151,7 @@ class AIMPretrainer(Task):
         """
         p = self.backbone.patch_size
         patches = patchify(ops.cast(images, "float32"), p)
-        mean = ops.mean(patches, axis=-1, keepdims=True)
-        count = patches.shape[-1]
-        std = ops.sqrt(
-            ops.sum(ops.square(patches - mean), axis=-1, keepdims=True) / (count - 1)
-            + PATCH_NORM_EPSILON
-        )
+        mean, std = patch_statistics(patches)
         predicted = ops.cast(predictions[:, :-1], "float32") * std[:, 1:] + mean[:, 1:]
         patches = ops.concatenate([patches[:, :1], predicted], axis=1)
         return unpatchify(patches, p, self.grid, self.backbone.image_shape[-1])

@@ -7,16 +7,26 @@ from typing import Sequence
 import keras
 from keras_hub.models import Backbone
 
-from keras_aim.initialization import variables_to_be_overwritten, zeros_while_loading
-from keras_aim.memory import limit_heap_fragmentation
-from keras_aim.input_validation import check_image_shape, nearest_valid_sizes
-from keras_aim.layers.remat import make_blocks
 from keras_aim.layers import (
     AIMPatchEmbedding,
     AIMSinCosPositionEmbedding,
     AIMTransformerBlock,
 )
-from keras_aim.presets import get_preset
+from keras_aim.layers.remat import make_blocks
+from keras_aim.loading import preset_cache
+from keras_aim.loading.lean_loading import (
+    limit_heap_fragmentation,
+    variables_to_be_overwritten,
+    zeros_while_loading,
+)
+from keras_aim.models.aim import aim_presets
+from keras_aim.models.aim.aim_image_classifier_preprocessor import (
+    AIMImageClassifierPreprocessor,
+)
+from keras_aim.models.aim.aim_image_converter import AIMImageConverter
+from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.training import distribution
+from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -283,9 +293,7 @@ class AIMBackbone(Backbone):
         """`keras_aim.distribution.layout_map` (keras-hub's convention): the
         `keras.distribution.LayoutMap` that splits the large kernels of the
         trunk, pixel head and probe over `model_parallel_dim_name`."""
-        from keras_aim.distribution import layout_map
-
-        return layout_map(
+        return distribution.layout_map(
             device_mesh, model_parallel_dim_name, data_parallel_dim_name
         )
 
@@ -312,21 +320,17 @@ class AIMBackbone(Backbone):
         `preset` is one of `keras_aim.AIM_PRESETS` (`aim_600m`, `aim_1b`,
         `aim_3b`, `aim_7b`): Apple's released weights are downloaded,
         verified, converted and cached on first use (see
-        `keras_aim.released_weights`), then loaded from the cache. It may
+        `keras_aim.loading.preset_cache`), then loaded from the cache. It may
         also be a directory holding the released `.pth` files, a local
         keras-hub preset directory, or a `kaggle://` / `hf://` handle.
         Keyword arguments override the config (e.g. `dtype="bfloat16"`,
         `image_shape=(None, None, 3)`).
         """
-        from keras_aim import released_weights
-
-        name, release_dir = released_weights.resolve_release(preset)
+        name, release_dir = aim_presets.resolve_release(preset)
         if name is not None:
             if not load_weights:
-                return cls(**{**get_preset(name)["config"], **kwargs})
-            preset = released_weights.cached_backbone_preset(
-                name, kwargs.get("dtype"), release_dir
-            )
+                return cls(**{**aim_presets.get_preset(name)["config"], **kwargs})
+            preset = cached_release_preset(cls, name, kwargs.get("dtype"), release_dir)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)
@@ -336,23 +340,57 @@ class AIMBackbone(Backbone):
             return super().from_preset(preset, load_weights=True, **kwargs)
 
 
+# keras-hub picks a preset's converter and preprocessor classes by the
+# backbone class they belong to.
+AIMImageConverter.backbone_cls = AIMBackbone
+AIMImageClassifierPreprocessor.backbone_cls = AIMBackbone
+
+
+def evaluation_preprocessor(name: str) -> AIMImageClassifierPreprocessor:
+    """The released evaluation preprocessing of preset `name`."""
+    height, width = aim_presets.get_preset(name)["config"]["image_shape"][:2]
+    return AIMImageClassifierPreprocessor(AIMImageConverter(image_size=(height, width)))
+
+
+def cached_release_preset(
+    cls, name: str, dtype=None, release_dir: str | None = None, progress: bool = True
+) -> str:
+    """The keras-hub preset folder of released preset `name`'s trunk (and
+    its evaluation preprocessor), converting the released file into the
+    cache first if no usable cached preset exists."""
+    entry = aim_presets.get_preset(name)
+
+    def write(staging: str, target_dtype: str) -> None:
+        filename, sha256 = entry["files"]["backbone"]
+        source = preset_cache.release_file(
+            filename, sha256, aim_presets.RELEASE_BASE_URL, release_dir, progress
+        )
+        limit_heap_fragmentation()  # before building: keeps conversion near 1x
+        with variables_to_be_overwritten():  # the strict load fills every one
+            backbone = cls(**entry["config"], dtype=target_dtype)
+        load_official_weights(backbone, backbone_file=source)
+        backbone.save_to_preset(staging, max_shard_size=preset_cache.SHARD_SIZE_GB)
+        evaluation_preprocessor(name).save_to_preset(staging)
+
+    return preset_cache.cached_preset(name, dtype, write)
+
+
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):
+    for value, name in ((patch_size, "patch_size"), (hidden_dim, "hidden_dim"),
+                        (num_layers, "num_layers"), (num_heads, "num_heads")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; received {value!r}.")
     if len(image_shape) != 3:
         raise ValueError(
             "image_shape must be (height, width, channels); received "
             f"{image_shape}."
         )
-    for size, name in zip(image_shape[:2], ("height", "width")):
-        if size is not None and (size <= 0 or size % patch_size):
-            valid = " or ".join(map(str, nearest_valid_sizes(size, patch_size)))
-            raise ValueError(
-                f"image_shape {name} {size} is not a multiple of patch_size "
-                f"{patch_size}; use {valid}, or None for any size."
-            )
+    check_patch_multiple(
+        image_shape[:2], patch_size, f"image_shape {tuple(image_shape)}",
+        "Use a multiple of the patch size, or None for any size.",
+    )
     if hidden_dim % num_heads or hidden_dim % 4:
         raise ValueError(
             f"hidden_dim={hidden_dim} must be divisible by num_heads="
             f"{num_heads} and by 4 (for the 2-D sin-cos position embedding)."
         )
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1; received {num_layers}.")

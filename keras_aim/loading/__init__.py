@@ -1,0 +1,18 @@
+"""Loading released checkpoints: download and verify, read state dicts
+without torch, convert into a cached keras-hub preset on first use, and
+load lean (near one copy of the weights, no wasted random init). Imports no
+model: a model's `from_preset` hands it what to build.
+
+    download.py       verified, resumable, atomic HTTP(S) downloads
+    preset_cache.py   the cache of released files and converted presets
+    state_dict.py     .pth / .safetensors readers, strict all-or-nothing assignment
+    lean_loading.py   malloc tuning and zero-filled builds while loading
+"""
+
+from keras_aim.utils.lazy_imports import lazy_attributes
+
+__getattr__, __dir__ = lazy_attributes(
+    __name__,
+    {name: f"keras_aim.loading.{name}"
+     for name in ("download", "lean_loading", "preset_cache", "state_dict")},
+)

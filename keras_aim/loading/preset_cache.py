@@ -1,0 +1,144 @@
+"""Released checkpoints as cached keras-hub presets.
+
+The first `from_preset("aim_600m")` downloads the released file(s), verifies
+their SHA-256, converts them and saves a standard keras-hub preset folder;
+later calls load that folder and never touch the network. This module does
+the fetching and the caching; the model family hands it a `write` function
+that builds its model and fills the staging folder (see
+`keras_aim.models.aim.aim_backbone`), so it imports no model.
+
+Cache layout (`$KERAS_AIM_HOME`, default `~/.keras/keras_aim`):
+
+    downloads/<released file>              verified released files
+    presets/<preset>[-<dtype>]/            keras-hub preset: config.json,
+        metadata.json, model.weights.h5 (sharded when large),
+        preprocessor.json, image_converter.json
+        heads/probe_{best,last}.weights.h5 released heads (task weights)
+
+Every file and folder appears by an atomic rename once complete, so an
+interrupted run leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+from keras_aim.loading.download import download_file, verify_sha256
+from keras_aim.utils.atomic_files import atomic_directory, atomic_file
+
+SHARD_SIZE_GB = 5.0  # keras-hub shards model.weights.h5 above this size
+CACHED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def keras_aim_home() -> str:
+    """The cache root: `$KERAS_AIM_HOME`, default `~/.keras/keras_aim`."""
+    return os.path.expanduser(
+        os.environ.get("KERAS_AIM_HOME") or os.path.join("~", ".keras", "keras_aim")
+    )
+
+
+def release_url(filename: str, default_base_url: str) -> str:
+    """Where a released file is fetched from: `$KERAS_AIM_BASE_URL` (a
+    mirror) or the release's own base URL."""
+    base = os.environ.get("KERAS_AIM_BASE_URL") or default_base_url
+    return base.rstrip("/") + "/" + filename
+
+
+def downloaded_path(filename: str) -> str:
+    return os.path.join(keras_aim_home(), "downloads", filename)
+
+
+def release_file(
+    filename: str,
+    sha256: str,
+    base_url: str,
+    release_dir: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Local path of a released file: from `release_dir` (verified), the
+    download cache, or the network (verified before it is kept)."""
+    if release_dir is not None:
+        candidate = os.path.join(release_dir, filename)
+        if os.path.exists(candidate):
+            verify_sha256(candidate, sha256, candidate, delete=False)
+            return candidate
+    cached = downloaded_path(filename)
+    if os.path.exists(cached):
+        return cached
+    return download_file(release_url(filename, base_url), cached, sha256, progress=progress)
+
+
+def variable_dtype(dtype) -> str:
+    """The dtype variables get under `dtype` (a policy name or None)."""
+    import keras
+
+    policy = keras.dtype_policies.get(dtype or keras.config.dtype_policy())
+    return policy.variable_dtype
+
+
+def preset_cache_dir(name: str, dtype: str = "float32") -> str:
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return os.path.join(keras_aim_home(), "presets", name + suffix)
+
+
+def find_cached_preset(name: str, dtype=None) -> str | None:
+    """A cached preset usable for `dtype`: float32 serves every dtype."""
+    for candidate_dtype in dict.fromkeys(("float32", variable_dtype(dtype))):
+        path = preset_cache_dir(name, candidate_dtype)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    return None
+
+
+def cached_preset(name: str, dtype, write: Callable[[str, str], None]) -> str:
+    """The cached preset folder of `name` usable for `dtype`; if there is
+    none, `write(staging_folder, variable_dtype)` fills a new one (in
+    `dtype`'s variable dtype: bfloat16 halves the memory converting needs),
+    which is renamed into the cache when complete."""
+    cached = find_cached_preset(name, dtype)
+    if cached is not None:
+        return cached
+    target_dtype = variable_dtype(dtype)
+    target = preset_cache_dir(name, target_dtype)
+    with atomic_directory(target) as staging:
+        write(staging, target_dtype)
+    return target
+
+
+def head_cache_path(preset_dir: str, kind: str) -> str:
+    return os.path.join(preset_dir, "heads", f"probe_{kind}.weights.h5")
+
+
+def cached_file(path: str, write: Callable[[str], None]) -> str:
+    """`path`, written first by `write(staging_path)` if it does not exist."""
+    if not os.path.exists(path):
+        with atomic_file(path) as staging:
+            write(staging)
+    return path
+
+
+def cache_status(name: str, filenames: Iterable[str], head_kinds=("best", "last")) -> str:
+    """One line on what is on disk for preset `name` whose released files
+    are `filenames`."""
+    parts = []
+    for dtype in CACHED_DTYPES:
+        path = preset_cache_dir(name, dtype)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            heads = [k for k in head_kinds if os.path.exists(head_cache_path(path, k))]
+            parts.append(
+                f"{dtype} ({_size_gb(path):.1f} GB"
+                + (f", heads: {'/'.join(heads)}" if heads else "")
+                + ")"
+            )
+    downloaded = [f for f in filenames if os.path.exists(downloaded_path(f))]
+    if downloaded:
+        parts.append(f"{len(downloaded)} released file(s) downloaded")
+    return "; ".join(parts) if parts else "not cached"
+
+
+def _size_gb(path: str) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total / 1e9

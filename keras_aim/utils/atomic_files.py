@@ -1,0 +1,104 @@
+"""Writing files and folders so that a crash never leaves a half-written one.
+
+    with atomic_file("probe.weights.h5") as staging:
+        classifier.save_task_weights(staging)   # renamed over the target on success
+
+Every writer in keras_aim that produces a file or folder a user keeps
+(cached presets, checkpoints, probes, adapters, exports, features, figures)
+goes through these two context managers: the data is written beside the
+target under a hidden name, flushed to disk (`fsync` of the files and of the
+folder holding them), then renamed into place in one step. A failure or a
+kill at any moment leaves the previous version, or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+
+def fsync_path(path: str) -> None:
+    """Flushes a file, or a folder's entries, to disk (best effort on
+    filesystems and platforms that do not support it)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else os.O_RDONLY
+    try:
+        handle = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def _ordinary_permissions(path: str, directory: bool) -> None:
+    """`mkdtemp`/`mkstemp` create private (0700/0600) entries; a kept file or
+    folder gets what `open`/`mkdir` would give it under the umask, so that
+    other users (e.g. a model server) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """Yields a staging path beside `path` with the same file suffixes
+    (writers such as Keras check them); on success it is flushed and
+    replaces `path`, on failure it is removed and `path` stays as it was."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, dot, suffixes = name.partition(".")
+    staging = os.path.join(folder, f".{stem}.tmp{os.getpid()}{dot}{suffixes}")
+    try:
+        yield staging
+        fsync_path(staging)
+        os.replace(staging, path)
+        fsync_path(folder)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
+    """Yields a hidden staging folder beside `path`; on success its files are
+    flushed and it is renamed to `path`, on failure it is removed.
+
+    An existing `path` is kept (the staging folder is discarded: someone
+    else finished first) unless `replace`; then the old folder is swapped
+    out, the new one renamed in, and the old one deleted. If the swap itself
+    fails, the old folder is put back.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield staging
+        _ordinary_permissions(staging, directory=True)
+        _fsync_tree(staging)
+        if not os.path.exists(path):
+            os.rename(staging, path)
+        elif replace:
+            retired = f"{staging}.old"
+            os.rename(path, retired)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(retired, path)
+                raise
+            shutil.rmtree(retired, ignore_errors=True)
+        fsync_path(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
