@@ -167,6 +167,10 @@ class AIMPrefixSampler(keras.layers.Layer):
     use the fixed `eval_seed`, so evaluation sees the same prefix lengths
     every time and its loss is comparable across epochs.
 
+    With `causal_only`, every prefix length is 1: the prefix-causal mask is
+    then plain causal attention and every next-patch target counts (the
+    paper's causal baseline).
+
     Call arguments:
         images: `(B, H, W, C)`; only the batch size is used.
         training: as usual.
@@ -175,7 +179,14 @@ class AIMPrefixSampler(keras.layers.Layer):
         `(B,)` int32 prefix lengths.
     """
 
-    def __init__(self, num_patches: int, seed=None, eval_seed: int = 1234, **kwargs):
+    def __init__(
+        self,
+        num_patches: int,
+        seed=None,
+        eval_seed: int = 1234,
+        causal_only: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_patches < 2:
             raise ValueError(
@@ -185,10 +196,13 @@ class AIMPrefixSampler(keras.layers.Layer):
         self.num_patches = num_patches
         self.seed = seed
         self.eval_seed = eval_seed
+        self.causal_only = causal_only
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=None):
         shape = (ops.shape(images)[0],)
+        if self.causal_only:
+            return ops.ones(shape, dtype="int32")
         seed = self.seed_generator if training else self.eval_seed
         return keras.random.randint(
             shape, minval=1, maxval=self.num_patches, dtype="int32", seed=seed
@@ -207,6 +221,7 @@ class AIMPrefixSampler(keras.layers.Layer):
                 "num_patches": self.num_patches,
                 "seed": self.seed,
                 "eval_seed": self.eval_seed,
+                "causal_only": self.causal_only,
             }
         )
         return config
