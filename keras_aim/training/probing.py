@@ -40,7 +40,7 @@ def _feature_batches(backbone, images, block_indices, batch_size):
     raises once the data turns out to hold no images."""
     if isinstance(images, np.ndarray):
         images = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-    extractor = _BlockFeatures(backbone, block_indices)
+    extractor = _BlockFeatures(backbone, block_indices, name="block_features")
     full = None  # the first batch's size: a shorter last batch is padded to it
     empty = True
     for batch in images:
