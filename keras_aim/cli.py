@@ -44,8 +44,23 @@ def _info(args: argparse.Namespace) -> int:
         )
     _table(rows)
     print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
+    for strength, names in _checksum_strengths().items():
+        print(f"Checksums of {', '.join(names)}: {strength}"
+              + (" (all that is recorded for Apple's files: it catches damaged "
+                 "files, not deliberately forged ones)" if "prefix" in strength else ""))
     print(f"Cache: {keras_aim_home()} (set KERAS_AIM_HOME to move it)")
     return 0
+
+
+def _checksum_strengths() -> dict[str, list[str]]:
+    """How well each preset's released files are pinned down -> presets."""
+    from keras_aim.loading.download import digest_strength
+
+    found: dict[str, list[str]] = {}
+    for name, entry in AIM_PRESETS.items():
+        weakest = min((sha for _, sha in entry["files"].values()), key=len)
+        found.setdefault(digest_strength(weakest), []).append(name)
+    return found
 
 
 def _download(args: argparse.Namespace) -> int:

@@ -24,6 +24,9 @@ def test_info_lists_every_preset(capsys):
         line = next(l for l in out.splitlines() if l.startswith(name))
         assert params in line
     assert "84.0 / 82.4" in out
+    # Only 8-hex prefixes are recorded for Apple's files: said, not hidden.
+    assert ("Checksums of aim_600m, aim_1b, aim_3b, aim_7b: SHA-256 prefix "
+            "(32 bits) (all that is recorded") in out
 
 
 def test_no_command_prints_help_and_fails(capsys):
