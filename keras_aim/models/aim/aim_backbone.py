@@ -13,7 +13,7 @@ from keras_aim.layers import (
     AIMTransformerBlock,
 )
 from keras_aim.layers.remat import make_blocks
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import (
     limit_heap_fragmentation,
     variables_to_be_overwritten,
@@ -331,6 +331,8 @@ class AIMBackbone(Backbone):
             if not load_weights:
                 return cls(**{**aim_presets.get_preset(name)["config"], **kwargs})
             preset = cached_release_preset(cls, name, kwargs.get("dtype"), release_dir)
+        if preset_folder.is_local_path(preset):
+            preset_folder.check_preset_folder(preset, load_weights)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)

@@ -9,7 +9,7 @@ import keras
 from keras_hub.models import ImageClassifier, Task
 
 from keras_aim.layers import AIMAttentionProbe
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
@@ -184,6 +184,8 @@ class AIMImageClassifier(ImageClassifier):
         """
         name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
+            if preset_folder.is_local_path(preset):
+                _check_classifier_folder(preset, load_weights, kwargs)
             limit_heap_fragmentation()  # keeps loading near 1x the weights
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
@@ -207,6 +209,23 @@ class AIMImageClassifier(ImageClassifier):
         if head is not None:
             load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
+
+
+def _check_classifier_folder(preset, load_weights: bool, kwargs: dict) -> None:
+    """A local preset folder for the classifier: complete, and either a
+    classifier (task.json) or a trunk that `num_classes` puts a new probe
+    on (then without preprocessor if the folder has none)."""
+    preset_folder.check_preset_folder(preset, load_weights)
+    if preset_folder.has_task(preset):
+        return
+    if "num_classes" not in kwargs:
+        raise preset_folder.PresetFolderError(
+            f"{os.fspath(preset)!r} holds a trunk (no task.json), not a "
+            "classifier. Pass num_classes=N (and probe_layers) to put a new, "
+            "untrained probe on it, or load it with AIMBackbone.from_preset."
+        )
+    if not preset_folder.has_preprocessor(preset):
+        kwargs.setdefault("preprocessor", None)
 
 
 def load_released_head(
