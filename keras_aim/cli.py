@@ -88,30 +88,16 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_image(path: str):
-    """An RGB uint8 array `(H, W, 3)`; raises `ValueError` naming the file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from error
-
-
 def read_images(paths):
-    """`(readable paths, RGB arrays, number of failures)`; each unreadable
-    file is reported on stderr and skipped."""
-    names, images, failures = [], [], 0
-    for path in paths:
-        try:
-            images.append(read_image(path))
-            names.append(path)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
-    return names, images, failures
+    """`(readable paths, RGB arrays, number of failures)` through
+    `keras_aim.data.images` (the decoding the SavedModel uses); each
+    unreadable file is reported on stderr and skipped."""
+    from keras_aim.data.images import read_images as decode_files
+
+    names, images, errors = decode_files(paths)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    return names, images, len(errors)
 
 
 def preprocess(converter, images):

@@ -9,6 +9,7 @@ from PIL import Image
 
 import keras_aim
 from keras_aim import cli
+from keras_aim.data.images import read_image
 from tests.tiny_release import FILES, NAME
 
 
@@ -65,7 +66,7 @@ def test_classify_prints_top_k_and_reports_bad_files(release, tmp_path, capsys):
     assert lines[1].strip().startswith("1. class ")
     # Same top class as the classifier on the same preprocessed image.
     classifier = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
-    image = cli.read_image(jpeg)
+    image = read_image(jpeg)
     logits = classifier.predict(image[None], verbose=0)
     assert lines[1].split()[2] == str(int(np.argmax(logits)))
 

@@ -222,6 +222,50 @@ def test_keras3_tfsm_layer_loads_the_export(exports):
     np.testing.assert_allclose(model.predict(raw, verbose=0), expected["probabilities"], atol=PARITY_ATOL)
 
 
+def unusual_image_files(folder):
+    """Files whose decoding is easy to get wrong: 16-bit grayscale and RGB
+    PNG, palette PNG with transparency, grayscale + alpha PNG, CMYK JPEG."""
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.RandomState(3)
+    gray16 = (rng.rand(38, 45) * 65535).astype(np.uint16)
+    rgb8 = rng.randint(0, 256, (36, 40, 3), dtype=np.uint8)
+    files = {
+        "gray16.png": lambda p: Image.fromarray(gray16).save(p),
+        "rgb16.png": lambda p: open(p, "wb").write(tf.io.encode_png(
+            rng.randint(0, 65536, (40, 33, 3)).astype(np.uint16)).numpy()),
+        "palette.png": lambda p: Image.fromarray(rgb8).convert("P").save(p, transparency=0),
+        "gray_alpha.png": lambda p: Image.fromarray(rgb8).convert("LA").save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb8).convert("CMYK").save(p),
+    }
+    paths = []
+    for name, write in files.items():
+        write(str(folder / name))
+        paths.append(str(folder / name))
+    return paths, gray16
+
+
+def test_unusual_files_decode_alike_for_the_cli_predict_and_the_saved_model(exports, tmp_path):
+    """One decoding path: `keras-aim classify`'s reader, `predict` with the
+    preprocessor and the SavedModel's `predict_images` give the same pixels
+    and logits for every kind of file (a 16-bit PNG used to be clipped to
+    white by the command line)."""
+    import tensorflow as tf
+
+    paths, gray16 = unusual_image_files(tmp_path)
+    names, images, failures = cli.read_images(paths)
+    assert names == paths and failures == 0
+    np.testing.assert_array_equal(images[0], np.repeat((gray16 >> 8)[..., None], 3, -1))
+    served = tf.saved_model.load(exports["classifier_dir"]).signatures["predict_images"]
+    for path, image in zip(paths, images):
+        assert image.dtype == np.uint8 and image.shape[-1] == 3, path
+        expected = exports["classifier"].predict(image[None], verbose=0)
+        with open(path, "rb") as handle:
+            got = served(image_bytes=tf.constant([handle.read()]))["logits"].numpy()
+        np.testing.assert_allclose(got, expected, atol=PARITY_ATOL, err_msg=path)
+
+
 def test_existing_version_is_refused_without_overwrite(exports, tmp_path, capsys):
     base = Path(exports["classifier_dir"]).parent
     before = sorted(str(p) for p in base.rglob("*"))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_aim.data.images import decode_image, is_image_file, read_images, summarize_errors
 from keras_aim.models.aim.aim_image_converter import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -189,21 +190,18 @@ def classification_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-
 def image_folder(directory: str):
     """Images in `directory/<class>/<file>` (or directly in `directory`).
 
-    Unreadable or corrupt files are skipped and counted (checked with
-    Pillow while listing), not a crash.
+    Every file is decoded once while listing, with the decoding the
+    pipeline uses (`keras_aim.data.images.decode_image`): files that fail
+    are left out and reported by name, so a bad file never stops a run
+    midway.
 
     Returns:
         `(dataset of (uint8 image (H, W, 3), int32 label), class_names,
-        skipped_files)`.
+        skipped)` with one message per left-out file, naming it.
     """
-    from PIL import Image
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
     classes = sorted(
@@ -214,30 +212,25 @@ def image_folder(directory: str):
     ]
     paths, labels, skipped = [], [], []
     for folder, label in entries:
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.convert("RGB").load()
-            except Exception:  # any decoding failure: skip and count
-                skipped.append(path)
-                continue
-            paths.append(path)
-            labels.append(label)
+        files = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if is_image_file(n)]
+        readable, _, errors = read_images(files, keep_pixels=False)
+        paths += readable
+        labels += [label] * len(readable)
+        skipped += errors
     if not paths:
         raise ValueError(
-            f"No readable images in {directory!r} ({len(skipped)} unreadable)."
+            f"No readable images in {directory!r} ({len(skipped)} unreadable"
+            + (":\n" + summarize_errors(skipped) if skipped else "") + ")."
         )
 
     def load(path, label):
-        data = tf.io.read_file(path)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, (None, None, 3)), label
+        return decode_image(tf.io.read_file(path)), label
 
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, "int32")))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # A file changed or removed after the check is dropped with a logged
+    # warning rather than ending the run.
+    ds = ds.ignore_errors(log_warning=True)
     return ds, classes or [os.path.basename(directory)], skipped
 
 

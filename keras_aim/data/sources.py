@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_aim.data.embedded import digits
-from keras_aim.data.pipelines import IMAGE_EXTENSIONS, image_folder, tfds_images
+from keras_aim.data.images import is_image_file, summarize_errors
+from keras_aim.data.pipelines import image_folder, tfds_images
 
 SPLITS = ("train", "val")
 # tfds split names tried for "val", in order, when a spec names none.
@@ -79,7 +80,8 @@ def labeled_images(spec: str, split: str = "train", seed: int = 0,
     if kind == "folder" and rest:
         ds, classes, skipped = image_folder(rest)
         if skipped:
-            print(f"skipped {len(skipped)} unreadable image files in {rest}")
+            print(f"skipped {len(skipped)} unreadable image file(s) in {rest}:\n"
+                  + summarize_errors(skipped))
         return LabeledImages(
             ds, None, classes, f"folder:{folder_fingerprint(rest)}", f"folder {rest}"
         )
@@ -139,7 +141,7 @@ def folder_fingerprint(directory: str) -> str:
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_image_file(name):
                 continue
             path = os.path.join(root, name)
             stat = os.stat(path)
