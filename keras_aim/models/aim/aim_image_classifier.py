@@ -15,6 +15,7 @@ from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
     cached_release_preset,
+    checked_predict,
     evaluation_preprocessor,
 )
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
@@ -28,6 +29,7 @@ from keras_aim.models.aim.aim_presets import (
     preset_for_architecture,
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.utils import image_inputs
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -84,6 +86,11 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMImageClassifier(ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
+
+    Calling the classifier takes ImageNet-normalized float images of the
+    trunk's size; `fit`, `evaluate` and `predict` of a classifier with a
+    `preprocessor` take pixels in [0, 255] (uint8 or float) of any size and
+    preprocess them. Images on the other scale are warned about once.
 
     images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
     `probe_layers`, averaged `(B, N, D)` -> `AIMAttentionProbe` ->
@@ -152,7 +159,18 @@ class AIMImageClassifier(ImageClassifier):
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
             self.backbone.check_images(images, exact_size=True)
+            image_inputs.warn_if_wrong_scale(images, type(self).__name__, False)
         return super().__call__(images, *args, **kwargs)
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict`: with a preprocessor, `x` is pixels in
+        [0, 255] (uint8 or float) of any size; without one, normalized
+        images. Zero images, images on the other scale (a warning) and
+        batches too large for memory are reported clearly."""
+        return checked_predict(
+            self, x, batch_size, self.preprocessor is not None, super().predict,
+            *args, **kwargs,
+        )
 
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
