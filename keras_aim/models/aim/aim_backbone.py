@@ -27,6 +27,7 @@ from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.training import distribution
 from keras_aim.utils import image_inputs
+from keras_aim.utils.arguments import check_positive_ints
 from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
@@ -401,10 +402,8 @@ def checked_predict(model, x, batch_size, expects_pixels: bool, predict, *args, 
 
 
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):
-    for value, name in ((patch_size, "patch_size"), (hidden_dim, "hidden_dim"),
-                        (num_layers, "num_layers"), (num_heads, "num_heads")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; received {value!r}.")
+    check_positive_ints("AIMBackbone", patch_size=patch_size, hidden_dim=hidden_dim,
+                        num_layers=num_layers, num_heads=num_heads)
     if len(image_shape) != 3:
         raise ValueError(
             "image_shape must be (height, width, channels); received "
