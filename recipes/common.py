@@ -20,22 +20,14 @@ import json
 import os
 from dataclasses import dataclass
 
+from keras_aim.utils.arguments import positive_int
+
 DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
 # Without --val, this share of each class of a folder is held out for
 # validation (accuracy on the training images would say nothing).
 HOLDOUT_FRACTION = 0.2
 RUN_FILE = "run.json"  # names the recipe that owns a run folder
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (sizes, counts, steps)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:

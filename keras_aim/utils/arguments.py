@@ -2,11 +2,14 @@
 
 A zero or negative head count, width or size would otherwise surface as a
 `ZeroDivisionError` deep inside a layer, or as an empty tensor and
-nonsense results; `check_positive_ints` names the argument instead.
+nonsense results; `check_positive_ints` names the argument instead, and
+`positive_int` is the argparse type of the command line's and the recipes'
+counts and sizes.
 """
 
 from __future__ import annotations
 
+import argparse
 import numbers
 
 
@@ -16,3 +19,14 @@ def check_positive_ints(where: str, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{where}: {name} must be a positive int; received {value!r}.")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (sizes, counts, steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
