@@ -266,6 +266,29 @@ def test_unusual_files_decode_alike_for_the_cli_predict_and_the_saved_model(expo
         np.testing.assert_allclose(got, expected, atol=PARITY_ATOL, err_msg=path)
 
 
+def test_exported_versions_have_ordinary_permissions(exports, tmp_path):
+    """A model server running as another user must be able to read the
+    export: every folder and file gets what mkdir/open give under the umask
+    (the staging folder it was written into is private)."""
+    from keras_aim.utils.atomic_files import atomic_directory, current_umask
+
+    umask = current_umask()
+    for key in ("classifier_dir", "backbone_dir"):
+        for root, folders, files in os.walk(exports[key]):
+            assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask, root
+            for name in files:
+                mode = os.stat(os.path.join(root, name)).st_mode & 0o777
+                assert mode == 0o666 & ~umask, (root, name)
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        with atomic_directory(str(tmp_path / "2")) as staging:
+            assert os.stat(staging).st_mode & 0o777 == 0o700  # private while written
+        assert os.stat(tmp_path / "2").st_mode & 0o777 == 0o750
+    finally:
+        os.umask(previous)
+
+
 def test_existing_version_is_refused_without_overwrite(exports, tmp_path, capsys):
     base = Path(exports["classifier_dir"]).parent
     before = sorted(str(p) for p in base.rglob("*"))
