@@ -50,10 +50,51 @@ def exports(tmp_path_factory):
     }
 
 
-def keras_outputs(model, converter, raw):
-    """What the exported graph should return, computed by the Keras model."""
-    images = converter(raw)
-    return {k: to_numpy(v) for k, v in aim_export.serving_outputs(model, images).items()}
+def keras_outputs(model, converter, raw, top_k=5):
+    """What the exported graph should return: the Keras model's logits or
+    tokens, and everything else computed here with NumPy (not with the
+    function that was traced into the SavedModel)."""
+    outputs = to_numpy(model(converter(raw), training=False)).astype("float32")
+    if isinstance(model, keras_aim.AIMBackbone):
+        return {"tokens": outputs, "embedding": outputs.mean(axis=1)}
+    shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
+    return {
+        "logits": outputs,
+        "probabilities": probabilities,
+        "top_k_indices": indices.astype("int32"),
+        "top_k_scores": np.take_along_axis(probabilities, indices, axis=-1),
+    }
+
+
+def test_saved_model_outputs_match_independent_computations(exports):
+    """Every output of every exported signature against NumPy: the mean of
+    the Keras tokens, softmax and top-k of the Keras logits (the export's
+    own `serving_outputs` is not the reference)."""
+    import tensorflow as tf
+
+    raw = np.random.RandomState(5).randint(0, 256, (3, 40, 52, 3)).astype("uint8")
+    encoded = tf.constant([tf.io.encode_png(image).numpy() for image in raw])
+    for key, names in (("classifier", aim_export.CLASSIFIER_OUTPUTS),
+                       ("backbone", aim_export.BACKBONE_OUTPUTS)):
+        expected = keras_outputs(exports[key], exports["converter"], raw)
+        assert sorted(expected) == sorted(names)
+        signatures = tf.saved_model.load(exports[f"{key}_dir"]).signatures
+        served = {
+            "serving_default": signatures["serving_default"](images=tf.constant(raw)),
+            "predict_images": signatures["predict_images"](image_bytes=encoded),
+            "predict_preprocessed": signatures["predict_preprocessed"](
+                images=tf.constant(to_numpy(exports["converter"](raw)))),
+        }
+        for signature, outputs in served.items():
+            for name in names:
+                got = outputs[name].numpy()
+                if name == "top_k_indices":
+                    np.testing.assert_array_equal(got, expected[name], err_msg=signature)
+                else:
+                    np.testing.assert_allclose(got, expected[name], atol=PARITY_ATOL,
+                                               err_msg=f"{key} {signature} {name}")
 
 
 def test_layout_is_tf_serving_version_folders(exports):
