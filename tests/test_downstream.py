@@ -284,6 +284,22 @@ def test_probe_recipe_keeps_its_probe_logs_and_refuses_to_overwrite(tmp_path, ca
     assert "Nothing to resume" in capsys.readouterr().err
 
 
+def test_probe_learns_an_easy_task_far_above_chance():
+    """Three classes, each marked by one feature channel: a probe trained on
+    60 examples classifies 30 unseen ones almost perfectly (chance: 33%).
+    Labels shifted or mixed up anywhere in training would not."""
+    rng = np.random.RandomState(0)
+    labels = rng.permutation(np.arange(90) % 3)
+    features = rng.normal(scale=0.5, size=(90, 4, 8)).astype("float32")
+    features[np.arange(90), :, labels] += 2.0
+    model = probing.train_attentive_probe(
+        features[:60], labels[:60], 3, 2, epochs=20, batch_size=20, learning_rate=1e-2
+    )
+    logits = probing.probe_logits(model.get_layer("probe"), features[60:])
+    assert probing.topk_accuracy(logits, labels[60:], 1) >= 0.9
+    assert probing.topk_accuracy(logits, labels[60:], 3) == 1.0
+
+
 def test_an_interrupted_fit_resumes_at_its_epoch(tmp_path):
     features = np.random.RandomState(0).normal(size=(40, 4, 8)).astype("float32")
     labels = np.arange(40) % 3
