@@ -95,6 +95,31 @@ def test_skipped_files_are_named_in_the_data_spec_report(tmp_path, capsys):
     assert "bad5.jpg" not in printed and "... and 2 more" in printed
 
 
+def test_decoding_gives_the_pixels_of_the_released_evaluation(tmp_path):
+    """8-bit files decode to exactly the pixels PIL's `convert("RGB")` gives
+    (what the released evaluation read with): JPEG with the accurate IDCT,
+    also grayscale and CMYK JPEG, palette and alpha PNG. 16-bit PNG keeps
+    the high byte (PIL would clip it to white)."""
+    from keras_aim.data.images import read_image
+
+    rng = np.random.RandomState(0)
+    rgb = rng.randint(0, 256, (30, 41, 3), dtype=np.uint8)
+    files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb).convert("L"),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+             "palette.png": Image.fromarray(rgb).convert("P"),
+             "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+             "gif.gif": Image.fromarray(rgb)}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as stored:
+            expected = np.asarray(stored.convert("RGB"))
+        np.testing.assert_array_equal(read_image(str(tmp_path / name)), expected, err_msg=name)
+    deep = (rng.rand(12, 9) * 65535).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "deep.png")),
+                                  np.repeat((deep >> 8)[..., None], 3, -1))
+
+
 def test_tfds_names_load_through_tensorflow_datasets():
     import tensorflow_datasets as tfds
 

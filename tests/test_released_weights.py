@@ -254,3 +254,19 @@ def test_checksums_must_be_sha256_digests_or_prefixes():
             check_digest(bad)
     with pytest.raises(ValueError, match="not a SHA-256 digest"):
         register_preset("bad", {}, {"backbone": ("b.pth", "abc")}, (), ())
+
+
+def test_checksums_check_every_digit_given(tmp_path):
+    """A full digest pins the whole file: a file that matches only its
+    first 8 hex digits is refused; a prefix checks what it has."""
+    from keras_aim.loading.download import sha256_file, verify_sha256
+
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"released bytes")
+    actual = sha256_file(str(path))
+    verify_sha256(str(path), actual, "x", fix="")
+    verify_sha256(str(path), actual[:8], "x", fix="")
+    other = actual[:8] + ("0" if actual[8] != "0" else "1") + actual[9:]
+    with pytest.raises(ChecksumError, match=f"expected SHA-256 {other}, got {actual}"):
+        verify_sha256(str(path), other, "x", fix="")
+    assert path.exists()  # a file on disk is never deleted by a check with a fix
