@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from keras_aim.utils.quiet import quiet_frameworks
+from keras_aim.utils.arguments import positive_int
+from keras_aim.utils.quiet import quiet_frameworks, report_error
 
 from keras_aim.models.aim.aim_presets import (
     AIM_PRESETS,
@@ -44,8 +45,23 @@ def _info(args: argparse.Namespace) -> int:
         )
     _table(rows)
     print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
+    for strength, names in _checksum_strengths().items():
+        print(f"Checksums of {', '.join(names)}: {strength}"
+              + (" (all that is recorded for Apple's files: it catches damaged "
+                 "files, not deliberately forged ones)" if "prefix" in strength else ""))
     print(f"Cache: {keras_aim_home()} (set KERAS_AIM_HOME to move it)")
     return 0
+
+
+def _checksum_strengths() -> dict[str, list[str]]:
+    """How well each preset's released files are pinned down -> presets."""
+    from keras_aim.loading.download import digest_strength
+
+    found: dict[str, list[str]] = {}
+    for name, entry in AIM_PRESETS.items():
+        weakest = min((sha for _, sha in entry["files"].values()), key=len)
+        found.setdefault(digest_strength(weakest), []).append(name)
+    return found
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -73,30 +89,16 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_image(path: str):
-    """An RGB uint8 array `(H, W, 3)`; raises `ValueError` naming the file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable image ({error})") from error
-
-
 def read_images(paths):
-    """`(readable paths, RGB arrays, number of failures)`; each unreadable
-    file is reported on stderr and skipped."""
-    names, images, failures = [], [], 0
-    for path in paths:
-        try:
-            images.append(read_image(path))
-            names.append(path)
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failures += 1
-    return names, images, failures
+    """`(readable paths, RGB arrays, number of failures)` through
+    `keras_aim.data.images` (the decoding the SavedModel uses); each
+    unreadable file is reported on stderr and skipped."""
+    from keras_aim.data.images import read_images as decode_files
+
+    names, images, errors = decode_files(paths)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    return names, images, len(errors)
 
 
 def preprocess(converter, images):
@@ -142,11 +144,34 @@ def _classify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _block_choice(text: str):
+    """argparse type of --blocks: final, last, best or block indices."""
+    if text in ("final", "last", "best"):
+        return text
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected final, last, best or comma-separated block indices "
+            f"like 14,15; got {text!r}"
+        ) from None
+
+
+def check_npz_output(path: str) -> None:
+    """Raises `ValueError` unless `path` can take an `.npz` file: checked
+    before any work, so a bad --out costs nothing and leaves nothing."""
+    import os
+
+    if not path.endswith(".npz"):
+        raise ValueError(f"--out {path}: name an .npz file, e.g. {path.rstrip('/')}.npz.")
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; name an .npz file inside it.")
+    parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ValueError(f"--out {path}: {existing} is not a writable folder.")
 
 
 def _features(args: argparse.Namespace) -> int:
@@ -157,19 +182,18 @@ def _features(args: argparse.Namespace) -> int:
     from keras_aim.models.aim.aim_image_classifier import resolve_probe_layers
     from keras_aim.models.aim.aim_image_converter import AIMImageConverter
     from keras_aim.utils.atomic_files import atomic_file
+    from keras_aim.utils.image_shapes import check_patch_multiple
 
+    check_npz_output(args.out)
+    backbone = AIMBackbone.from_preset(args.preset, image_shape=(None, None, 3))
+    size = args.image_size or 224
+    check_patch_multiple((size, size), backbone.patch_size, f"--image-size {size}")
+    blocks = None
+    if args.blocks != "final":
+        blocks = resolve_probe_layers(args.blocks, backbone)
     names, images, failures = read_images(args.images)
     if not images:
         return 1
-    backbone = AIMBackbone.from_preset(args.preset, image_shape=(None, None, 3))
-    size = args.image_size or 224
-    blocks = None
-    if args.blocks != "final":
-        blocks = resolve_probe_layers(
-            args.blocks if args.blocks in ("last", "best")
-            else tuple(int(i) for i in args.blocks.split(",")),
-            backbone,
-        )
     converter = AIMImageConverter(image_size=(size, size))
     pooling = None if args.pooling == "none" else args.pooling
     features = []
@@ -193,11 +217,14 @@ def _features(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from keras_aim.export import export_saved_model, resolve_version
 
-    try:  # before loading a possibly large model
-        version = resolve_version(args.out, args.version, args.overwrite)
-    except (FileExistsError, NotADirectoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.backbone and args.model is not None:
+        args.parser.error("--backbone exports a preset's trunk; a --model is exported as it is")
+    if args.probe and (args.backbone or args.model is not None):
+        args.parser.error("--probe chooses the head of a preset's classifier; not with "
+                          + ("--backbone" if args.backbone else "--model"))
+    if args.top_k is not None and args.backbone:
+        args.parser.error("--top-k applies to classifiers; a trunk exports embedding and tokens")
+    version = resolve_version(args.out, args.version, args.overwrite)  # before loading
     if args.model is not None:
         import keras
 
@@ -211,18 +238,14 @@ def _export(args: argparse.Namespace) -> int:
 
         options = {"probe_layers": args.probe} if args.probe else {}
         model = AIMImageClassifier.from_preset(args.preset, **options)
-    try:
-        path = export_saved_model(
-            model,
-            args.out,
-            version=version,
-            overwrite=args.overwrite,
-            top_k=args.top_k,
-            image_size=args.image_size,
-        )
-    except (FileExistsError, NotADirectoryError, TypeError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    path = export_saved_model(
+        model,
+        args.out,
+        version=version,
+        overwrite=args.overwrite,
+        top_k=args.top_k or 5,
+        image_size=args.image_size,
+    )
     print(f"{path}: SavedModel with signatures serving_default, predict_images, "
           "predict_preprocessed")
     return 0
@@ -279,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe", choices=HEAD_KINDS, default=None,
         help="released head (default for released presets: best)",
     )
-    classify.add_argument("--top-k", type=_positive_int, default=5)
-    classify.add_argument("--batch-size", type=_positive_int, default=8)
+    classify.add_argument("--top-k", type=positive_int, default=5)
+    classify.add_argument("--batch-size", type=positive_int, default=8)
     classify.add_argument("--dtype", default=None, help="e.g. bfloat16")
     classify.set_defaults(handler=_classify)
 
@@ -291,15 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--preset", default="aim_600m")
     features.add_argument("--out", required=True, help="output .npz")
     features.add_argument(
-        "--blocks", default="final",
+        "--blocks", default="final", type=_block_choice,
         help="final (post-norm tokens), last, best, or block indices like 14,15",
     )
     features.add_argument("--pooling", choices=["mean", "none"], default="mean")
     features.add_argument(
-        "--image-size", type=_positive_int, default=None,
+        "--image-size", type=positive_int, default=None,
         help="side after resize + center crop (a multiple of the patch; default 224)",
     )
-    features.add_argument("--batch-size", type=_positive_int, default=8)
+    features.add_argument("--batch-size", type=positive_int, default=8)
     features.set_defaults(handler=_features)
 
     export = commands.add_parser(
@@ -312,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a .keras file (AIMImageClassifier or AIMBackbone)")
     export.add_argument("--out", required=True, help="TF Serving model base path")
     export.add_argument(
-        "--version", type=_positive_int, default=None,
+        "--version", type=positive_int, default=None,
         help="version folder (default: one more than the highest present)",
     )
     export.add_argument(
@@ -326,12 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe", choices=HEAD_KINDS, default=None,
         help="released head of the classifier (default: best)",
     )
-    export.add_argument("--top-k", type=_positive_int, default=5)
+    export.add_argument("--top-k", type=positive_int, default=None,
+                        help="classes a classifier's export returns (default 5)")
     export.add_argument(
-        "--image-size", type=_positive_int, default=None,
+        "--image-size", type=positive_int, default=None,
         help="crop side for trunks built for any size (default 224)",
     )
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=_export, parser=export)
     return parser
 
 
@@ -342,7 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     quiet_frameworks(args.verbose)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure: one line (traceback with --verbose)
+        return report_error(error, with_traceback=args.verbose)
 
 
 if __name__ == "__main__":

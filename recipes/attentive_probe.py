@@ -23,6 +23,7 @@ import sys
 from recipes.common import (
     add_run_arguments,
     fit_logging,
+    positive_int,
     quiet,
     run_in_scope,
     splits,
@@ -65,7 +66,7 @@ def classifier_with_head(args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=positive_int, default=60)
     parser.add_argument("--cache-dir", default=None, help="on-disk feature cache")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate --head on --val instead of training")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    return run_in_scope(args, train_or_evaluate)
+    return run_in_scope(args, train_or_evaluate, "attentive_probe")
 
 
 def train_or_evaluate(args, callbacks, training) -> int:

@@ -23,6 +23,7 @@ import sys
 from recipes.common import (
     add_run_arguments,
     fit_logging,
+    positive_int,
     quiet,
     run_in_scope,
     splits,
@@ -32,8 +33,8 @@ from recipes.common import (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--epochs", type=positive_int, default=20)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--init-probe", default=None, help="probe weights to start from")
     parser.add_argument("--augmentation", choices=("aim", "shift", "none"), default=None,
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     if args.out is None:
         parser.error("--out is required (adapters and probe are saved there)")
     quiet(args)
-    return run_in_scope(args, finetune)
+    return run_in_scope(args, finetune, "finetune_lora")
 
 
 def finetune(args, callbacks, training) -> int:

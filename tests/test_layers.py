@@ -179,3 +179,29 @@ def test_prefix_attention_matches_reference(tiny_backbone, reference):
     np.testing.assert_allclose(
         got, reference["prefix_attention_block0_out"], atol=PARITY_ATOL
     )
+
+
+@pytest.mark.parametrize(
+    "build,name",
+    [
+        (lambda: layers.AIMAttention(64, 0), "AIMAttention: num_heads"),
+        (lambda: layers.AIMAttentionProbe(64, 10, 0), "AIMAttentionProbe: num_heads"),
+        (lambda: layers.AIMAttentionProbe(64, 0, 4), "AIMAttentionProbe: num_classes"),
+        (lambda: layers.AIMMLP(64, 0), "AIMMLP: intermediate_dim"),
+        (lambda: layers.AIMPatchEmbedding(64, 0), "AIMPatchEmbedding: patch_size"),
+        (lambda: layers.AIMPixelHead(8, width=0), "AIMPixelHead: width"),
+        (lambda: layers.AIMPixelHead(8, depth=-1), "AIMPixelHead: depth"),
+    ],
+)
+def test_zero_or_negative_sizes_are_named_not_divided_by(build, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int; received"):
+        build()
+
+
+def test_zero_image_sizes_are_refused():
+    import keras_aim
+
+    with pytest.raises(ValueError, match="AIMImageConverter: height must be a positive int"):
+        keras_aim.AIMImageConverter(image_size=(0, 0))
+    with pytest.raises(ValueError, match="positive multiple of 8; got 0"):
+        keras_aim.data.digits(0)

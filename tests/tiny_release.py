@@ -28,7 +28,7 @@ def serve_tiny_release(tmp_path, monkeypatch):
         NAME,
         TINY_CONFIG,
         {
-            role: (served, hashlib.sha256(files[served]).hexdigest()[:8])
+            role: (served, hashlib.sha256(files[served]).hexdigest())
             for role, (served, _) in FILES.items()
         },
         best_probe_layers=(2, 3),

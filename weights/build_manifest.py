@@ -38,7 +38,8 @@ def manifest() -> dict:
             "imagenet_top1_reported": entry["imagenet_top1"],
             "files": {
                 role: {"name": filename, "url": RELEASE_BASE_URL + filename,
-                       "sha256_prefix": sha}
+                       # A full digest where one is recorded, else its prefix.
+                       ("sha256" if len(sha) == 64 else "sha256_prefix"): sha}
                 for role, (filename, sha) in entry["files"].items()
             },
         }

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_aim.data.images import decode_image, is_image_file, read_images, summarize_errors
 from keras_aim.models.aim.aim_image_converter import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -62,13 +63,25 @@ def aim_augment(image, seed, image_size: int):
     return (image - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def shift_augment(image, seed, max_shift: int):
+def shift_augment(image, seed, max_shift: int, image_size: int | None = None):
     """Random translation by up to `max_shift` pixels (zero padding), then
-    normalization: a gentle augmentation for tiny images such as digits."""
+    normalization: a gentle augmentation for tiny images such as digits.
+
+    An image whose size is not `image_size` x `image_size` (or unknown, as
+    in an image folder) is first resized and center-cropped to it, as the
+    evaluation transform does."""
     height, width = image.shape[0], image.shape[1]
+    if image_size is not None and (height, width) != (image_size, image_size):
+        image = _pixel_crop(image_size)(image)
+        height = width = image_size
     padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
     image = tf.image.stateless_random_crop(padded, (height, width, 3), seed)
     return normalize(image)
+
+
+def _pixel_crop(image_size: int) -> AIMImageConverter:
+    """The evaluation resize + center crop, keeping pixels in [0, 255]."""
+    return AIMImageConverter(image_size=(image_size, image_size), scale=1.0, offset=0.0)
 
 
 def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int):
@@ -83,7 +96,7 @@ def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int):
         if augmentation == "aim":
             return aim_augment(image, element_seed, image_size)
         if augmentation == "shift":
-            return shift_augment(image, element_seed, max_shift)
+            return shift_augment(image, element_seed, max_shift, image_size)
         return converter(image)
 
     return fn
@@ -189,21 +202,17 @@ def classification_dataset(
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+def list_image_folder(directory: str):
+    """The images of `directory/<class>/<file>` (or directly in `directory`).
 
-
-def image_folder(directory: str):
-    """Images in `directory/<class>/<file>` (or directly in `directory`).
-
-    Unreadable or corrupt files are skipped and counted (checked with
-    Pillow while listing), not a crash.
+    Every file is decoded once, with the decoding the pipeline uses
+    (`keras_aim.data.images.decode_image`): files that fail are left out
+    and reported by name, so a bad file never stops a run midway.
 
     Returns:
-        `(dataset of (uint8 image (H, W, 3), int32 label), class_names,
-        skipped_files)`.
+        `(paths, int labels, class_names, skipped)`, `skipped` holding one
+        message per left-out file, naming it.
     """
-    from PIL import Image
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
     classes = sorted(
@@ -214,31 +223,37 @@ def image_folder(directory: str):
     ]
     paths, labels, skipped = [], [], []
     for folder, label in entries:
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.convert("RGB").load()
-            except Exception:  # any decoding failure: skip and count
-                skipped.append(path)
-                continue
-            paths.append(path)
-            labels.append(label)
+        files = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if is_image_file(n)]
+        readable, _, errors = read_images(files, keep_pixels=False)
+        paths += readable
+        labels += [label] * len(readable)
+        skipped += errors
     if not paths:
         raise ValueError(
-            f"No readable images in {directory!r} ({len(skipped)} unreadable)."
+            f"No readable images in {directory!r} ({len(skipped)} unreadable"
+            + (":\n" + summarize_errors(skipped) if skipped else "") + ")."
         )
+    return paths, labels, classes or [os.path.basename(directory)], skipped
+
+
+def image_files_dataset(paths, labels) -> tf.data.Dataset:
+    """`(uint8 image (H, W, 3), int32 label)` pairs read from `paths`."""
 
     def load(path, label):
-        data = tf.io.read_file(path)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, (None, None, 3)), label
+        return decode_image(tf.io.read_file(path)), label
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, "int32")))
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds, classes or [os.path.basename(directory)], skipped
+    # A file changed or removed after the check is dropped with a logged
+    # warning rather than ending the run.
+    return ds.ignore_errors(log_warning=True)
+
+
+def image_folder(directory: str):
+    """`(dataset of (uint8 image (H, W, 3), int32 label), class_names,
+    skipped)` of an image folder (see `list_image_folder`)."""
+    paths, labels, classes, skipped = list_image_folder(directory)
+    return image_files_dataset(paths, labels), classes, skipped
 
 
 def tfds_images(name: str, split: str, data_dir: str | None = None):

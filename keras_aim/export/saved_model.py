@@ -5,9 +5,10 @@
 signatures, the evaluation preprocessing inside the graph:
 
 - `serving_default`: `images` uint8 `(B, H, W, 3)`, any H and W.
-- `predict_images`: `image_bytes` string `(B,)`, encoded JPEG/PNG/GIF/BMP
-  (what TF Serving's REST API receives as `{"b64": ...}`); JPEGs are decoded
-  with the accurate IDCT, giving the same pixels as PIL.
+- `predict_images`: `image_bytes` string `(B,)`, encoded JPEG, PNG (8 or
+  16 bits), GIF, BMP or WebP (what TF Serving's REST API receives as
+  `{"b64": ...}`), decoded as `keras-aim classify` decodes files
+  (`keras_aim.data.images.decode_image`).
 - `predict_preprocessed`: `images` float32 `(B, h, w, 3)`, already
   resized, cropped and normalized (h, w: the model's crop).
 
@@ -199,6 +200,8 @@ def write_saved_model(
         )
     import tensorflow as tf
 
+    from keras_aim.data.images import decode_image
+
     converter = serving_converter(model, image_size)
     height, width = converter.image_size
     archive = keras.export.ExportArchive()
@@ -238,15 +241,8 @@ def write_saved_model(
     )
     def serve_image_bytes(image_bytes):
         def decode_and_preprocess(data):
-            # JPEG with the accurate IDCT: the same pixels as PIL (what
-            # `keras-aim classify` and the released evaluation read with).
-            image = tf.cond(
-                tf.io.is_jpeg(data),
-                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-            )
-            image.set_shape((None, None, 3))
-            return converter(image)
+            # The decoding `keras-aim classify` and image folders use.
+            return converter(decode_image(data))
 
         images = tf.map_fn(
             decode_and_preprocess,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_aim.utils.arguments import check_positive_ints
+
 
 def prefix_causal_mask(prefix_lengths, num_tokens: int):
     """Boolean prefix-causal attention mask.
@@ -112,6 +114,7 @@ class AIMAttention(keras.layers.Layer):
 
     def __init__(self, hidden_dim: int, num_heads: int, **kwargs):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, hidden_dim=hidden_dim, num_heads=num_heads)
         if hidden_dim % num_heads != 0:
             raise ValueError(
                 f"hidden_dim={hidden_dim} is not divisible by "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_aim.utils.arguments import check_positive_ints
+
 
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMAttentionProbe(keras.layers.Layer):
@@ -42,6 +44,8 @@ class AIMAttentionProbe(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, hidden_dim=hidden_dim,
+                            num_classes=num_classes, num_heads=num_heads)
         if hidden_dim % num_heads != 0:
             raise ValueError(
                 f"Probe width hidden_dim={hidden_dim} is not divisible by "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_aim.utils.arguments import check_positive_ints
+
 
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMMLP(keras.layers.Layer):
@@ -22,6 +24,8 @@ class AIMMLP(keras.layers.Layer):
 
     def __init__(self, hidden_dim: int, intermediate_dim: int, **kwargs):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, hidden_dim=hidden_dim,
+                            intermediate_dim=intermediate_dim)
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.fc1 = keras.layers.Dense(

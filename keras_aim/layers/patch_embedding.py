@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_aim.utils.arguments import check_positive_ints
+
 
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMPatchEmbedding(keras.layers.Layer):
@@ -33,6 +35,7 @@ class AIMPatchEmbedding(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, hidden_dim=hidden_dim, patch_size=patch_size)
         self.hidden_dim = hidden_dim
         self.patch_size = patch_size
         self.layer_norm_epsilon = layer_norm_epsilon

@@ -56,17 +56,28 @@ def release_file(
     release_dir: str | None = None,
     progress: bool = True,
 ) -> str:
-    """Local path of a released file: from `release_dir` (verified), the
-    download cache, or the network (verified before it is kept)."""
+    """Local path of a released file, verified against `sha256` (a digest
+    or its prefix) wherever it came from: `release_dir`, the download cache
+    (where a user may have put it by hand) or the network.
+
+    A file on disk that does not match raises `ChecksumError` and is left
+    where it is (it may be the user's only copy)."""
+    url = release_url(filename, base_url)
     if release_dir is not None:
         candidate = os.path.join(release_dir, filename)
         if os.path.exists(candidate):
-            verify_sha256(candidate, sha256, candidate, delete=False)
+            verify_sha256(candidate, sha256, candidate, fix=(
+                f"Replace {candidate} with the released file ({url})."
+            ))
             return candidate
     cached = downloaded_path(filename)
     if os.path.exists(cached):
+        verify_sha256(cached, sha256, cached, fix=(
+            f"It is damaged or not the released file: delete it to download "
+            f"it again, or replace it with the released file ({url})."
+        ))
         return cached
-    return download_file(release_url(filename, base_url), cached, sha256, progress=progress)
+    return download_file(url, cached, sha256, progress=progress)
 
 
 def variable_dtype(dtype) -> str:

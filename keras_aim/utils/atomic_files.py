@@ -43,13 +43,26 @@ def _fsync_tree(folder: str) -> None:
         fsync_path(root)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system
+    tells (Linux); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _ordinary_permissions(path: str, directory: bool) -> None:
     """`mkdtemp`/`mkstemp` create private (0700/0600) entries; a kept file or
     folder gets what `open`/`mkdir` would give it under the umask, so that
     other users (e.g. a model server) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager

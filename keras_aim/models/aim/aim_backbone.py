@@ -13,7 +13,7 @@ from keras_aim.layers import (
     AIMTransformerBlock,
 )
 from keras_aim.layers.remat import make_blocks
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import (
     limit_heap_fragmentation,
     variables_to_be_overwritten,
@@ -26,12 +26,18 @@ from keras_aim.models.aim.aim_image_classifier_preprocessor import (
 from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.training import distribution
+from keras_aim.utils import image_inputs
+from keras_aim.utils.arguments import check_positive_ints
 from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMBackbone(Backbone):
     """The AIM-v1 trunk: a ViT without class token.
+
+    Inputs are ImageNet-normalized float images (`AIMImageConverter` makes
+    them from pixels in [0, 255]: resize, center crop, `(x / 255 - mean) /
+    std`); uint8 pixels are warned about once.
 
     images `(B, H, W, C)` -> patch embedding + LayerNorm `(B, H/p, W/p, D)`
     -> + fixed 2-D sin-cos position embedding -> raster-order tokens
@@ -205,7 +211,8 @@ class AIMBackbone(Backbone):
         """Outputs of transformer blocks, before `post_trunk_norm`.
 
         Args:
-            images: `(B, H, W, C)`, H and W multiples of `patch_size`.
+            images: `(B, H, W, C)` ImageNet-normalized floats, H and W
+                multiples of `patch_size`.
             indices: block indices (negative count from the end); all
                 blocks when `None`.
 
@@ -226,7 +233,7 @@ class AIMBackbone(Backbone):
         """Features for downstream use, at any size divisible by the patch.
 
         Args:
-            images: `(B, H, W, C)` normalized images.
+            images: `(B, H, W, C)` ImageNet-normalized float images.
             block_indices: `None` for the post_trunk_norm tokens; otherwise
                 the average of these blocks' outputs (before the final norm,
                 as the attentive probe uses them).
@@ -257,7 +264,7 @@ class AIMBackbone(Backbone):
         """Runs the trunk, optionally with an attention mask.
 
         Args:
-            images: `(B, H, W, C)`.
+            images: `(B, H, W, C)` ImageNet-normalized floats.
             attention_mask: boolean, broadcastable to `(B, heads, N, N)`
                 (see `keras_aim.layers.prefix_causal_mask`); `None` for full
                 bidirectional attention.
@@ -272,7 +279,13 @@ class AIMBackbone(Backbone):
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
             self.check_images(images, exact_size=True)
+            image_inputs.warn_if_wrong_scale(images, type(self).__name__, False)
         return super().__call__(images, *args, **kwargs)
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict` on normalized images `(n, H, W, C)`; zero
+        images and batches too large for memory raise errors that say so."""
+        return checked_predict(self, x, batch_size, False, super().predict, *args, **kwargs)
 
     @property
     def num_patches(self) -> int | None:
@@ -331,6 +344,8 @@ class AIMBackbone(Backbone):
             if not load_weights:
                 return cls(**{**aim_presets.get_preset(name)["config"], **kwargs})
             preset = cached_release_preset(cls, name, kwargs.get("dtype"), release_dir)
+        if preset_folder.is_local_path(preset):
+            preset_folder.check_preset_folder(preset, load_weights)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)
@@ -375,11 +390,20 @@ def cached_release_preset(
     return preset_cache.cached_preset(name, dtype, write)
 
 
+def checked_predict(model, x, batch_size, expects_pixels: bool, predict, *args, **kwargs):
+    """`predict(x, batch_size, ...)` of `model` after checking `x` (not
+    empty; a warning if it looks on the wrong scale), with an allocation
+    failure explained as a `MemoryError`."""
+    where = f"{type(model).__name__}.predict"
+    image_inputs.check_not_empty(x, where)
+    image_inputs.warn_if_wrong_scale(x, where, expects_pixels)
+    with image_inputs.out_of_memory_explained(where, x, batch_size):
+        return predict(x, batch_size, *args, **kwargs)
+
+
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):
-    for value, name in ((patch_size, "patch_size"), (hidden_dim, "hidden_dim"),
-                        (num_layers, "num_layers"), (num_heads, "num_heads")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; received {value!r}.")
+    check_positive_ints("AIMBackbone", patch_size=patch_size, hidden_dim=hidden_dim,
+                        num_layers=num_layers, num_heads=num_heads)
     if len(image_shape) != 3:
         raise ValueError(
             "image_shape must be (height, width, channels); received "

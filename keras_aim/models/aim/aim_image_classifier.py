@@ -9,12 +9,13 @@ import keras
 from keras_hub.models import ImageClassifier, Task
 
 from keras_aim.layers import AIMAttentionProbe
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
     cached_release_preset,
+    checked_predict,
     evaluation_preprocessor,
 )
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
@@ -28,6 +29,7 @@ from keras_aim.models.aim.aim_presets import (
     preset_for_architecture,
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.utils import image_inputs
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -84,6 +86,11 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMImageClassifier(ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
+
+    Calling the classifier takes ImageNet-normalized float images of the
+    trunk's size; `fit`, `evaluate` and `predict` of a classifier with a
+    `preprocessor` take pixels in [0, 255] (uint8 or float) of any size and
+    preprocess them. Images on the other scale are warned about once.
 
     images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
     `probe_layers`, averaged `(B, N, D)` -> `AIMAttentionProbe` ->
@@ -152,7 +159,18 @@ class AIMImageClassifier(ImageClassifier):
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
             self.backbone.check_images(images, exact_size=True)
+            image_inputs.warn_if_wrong_scale(images, type(self).__name__, False)
         return super().__call__(images, *args, **kwargs)
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict`: with a preprocessor, `x` is pixels in
+        [0, 255] (uint8 or float) of any size; without one, normalized
+        images. Zero images, images on the other scale (a warning) and
+        batches too large for memory are reported clearly."""
+        return checked_predict(
+            self, x, batch_size, self.preprocessor is not None, super().predict,
+            *args, **kwargs,
+        )
 
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
@@ -184,6 +202,8 @@ class AIMImageClassifier(ImageClassifier):
         """
         name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
+            if preset_folder.is_local_path(preset):
+                _check_classifier_folder(preset, load_weights, kwargs)
             limit_heap_fragmentation()  # keeps loading near 1x the weights
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
@@ -207,6 +227,23 @@ class AIMImageClassifier(ImageClassifier):
         if head is not None:
             load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
+
+
+def _check_classifier_folder(preset, load_weights: bool, kwargs: dict) -> None:
+    """A local preset folder for the classifier: complete, and either a
+    classifier (task.json) or a trunk that `num_classes` puts a new probe
+    on (then without preprocessor if the folder has none)."""
+    preset_folder.check_preset_folder(preset, load_weights)
+    if preset_folder.has_task(preset):
+        return
+    if "num_classes" not in kwargs:
+        raise preset_folder.PresetFolderError(
+            f"{os.fspath(preset)!r} holds a trunk (no task.json), not a "
+            "classifier. Pass num_classes=N (and probe_layers) to put a new, "
+            "untrained probe on it, or load it with AIMBackbone.from_preset."
+        )
+    if not preset_folder.has_preprocessor(preset):
+        kwargs.setdefault("preprocessor", None)
 
 
 def load_released_head(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from keras_aim.loading.download import check_digest
+
 RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
 PROBE_NUM_BLOCKS = 6  # The released heads average 6 blocks.
 IMAGENET_NUM_CLASSES = 1000
@@ -123,7 +125,8 @@ def register_preset(
     Args:
         name: the preset name.
         config: `AIMBackbone` constructor arguments.
-        files: `{"backbone": (filename, sha256 or its prefix),
+        files: `{"backbone": (filename, sha256 digest or a prefix of at
+            least 8 hex digits; `keras-aim info` says which),
             "head_best": (...), "head_last": (...)}`; heads are optional.
             Files are fetched from `KERAS_AIM_BASE_URL` (default: Apple's
             release).
@@ -132,6 +135,8 @@ def register_preset(
     """
     if "backbone" not in files:
         raise ValueError(f"Preset {name!r} needs files['backbone'].")
+    for role, (filename, sha256) in files.items():
+        check_digest(sha256)  # a clear error now rather than at download
     AIM_PRESETS[name] = {
         "config": dict(config),
         "trunk_params": trunk_parameter_count(
