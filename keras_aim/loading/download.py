@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Callable
 
 from keras_aim.version import __version__
 
@@ -21,6 +22,11 @@ class DownloadError(OSError):
 
 class ChecksumError(ValueError):
     """A downloaded file does not have the published SHA-256 digest."""
+
+
+class CorruptDownloadError(ValueError):
+    """A downloaded file failed the structural check given for it (where no
+    SHA-256 digest is recorded); it was deleted."""
 
 
 class OfflineError(FileNotFoundError):
@@ -66,10 +72,11 @@ def verify_sha256(
 def download_file(
     url: str,
     destination: str,
-    sha256_prefix: str,
+    sha256_prefix: str | None,
     retries: int = 4,
     timeout: float = 60.0,
     progress: bool = True,
+    verify: Callable[[str], None] | None = None,
 ) -> str:
     """Downloads `url` to `destination`, verified and atomically.
 
@@ -78,6 +85,10 @@ def download_file(
     SHA-256 starts with `sha256_prefix` is renamed to `destination`; a
     mismatch deletes it and raises `ChecksumError`. Connection failures are
     retried `retries` times with backoff, then raise `DownloadError`.
+
+    `sha256_prefix=None` means no digest is recorded: then `verify(path)`
+    (which raises on a bad file) is what checks the download; a file it
+    rejects is deleted and `CorruptDownloadError` raised.
     """
     if offline():
         raise OfflineError(
@@ -111,7 +122,18 @@ def download_file(
         time.sleep(min(0.5 * 2**attempt, 8.0))
     else:
         raise DownloadError(f"Downloading {url} failed after {retries + 1} attempts.")
-    verify_sha256(partial, sha256_prefix, url)
+    if sha256_prefix is not None:
+        verify_sha256(partial, sha256_prefix, url)
+    if verify is not None:
+        try:
+            verify(partial)
+        except Exception as error:
+            os.remove(partial)
+            raise CorruptDownloadError(
+                f"The download of {url} is damaged and was deleted: {error} "
+                "Run again to download it anew, or check KERAS_AIM_HUB_URL / "
+                "KERAS_AIM_BASE_URL if you use a mirror."
+            ) from error
     os.replace(partial, destination)
     return destination
 

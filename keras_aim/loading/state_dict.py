@@ -338,4 +338,5 @@ def _assign(variable, value: np.ndarray) -> None:
 
     if value.dtype.name == "bfloat16":  # not every backend takes ml_dtypes
         value = value.astype("float32")
-    variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
+    # np.require, not np.ascontiguousarray: that one turns 0-d into (1,).
+    variable.assign(ops.cast(np.require(value, requirements="C"), variable.dtype))
