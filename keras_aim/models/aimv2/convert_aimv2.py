@@ -205,6 +205,8 @@ class TransformersNames:
                     grouped.update(group)
         for key in keys - grouped:
             apple, kind = _apple_name(key, lit)
+            if any(key.endswith(_FUSED.format(p)) for p in "qkv"):
+                apple, kind = key, ""  # a member of an incomplete q/k/v group
             if apple in self._single or apple in self._fused:
                 apple, kind = key, ""  # two keys for one place: keep the name
             self._single[apple] = (key, kind)
