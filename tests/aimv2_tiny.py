@@ -92,3 +92,58 @@ def tiny_vocabulary(start="<|startoftext|>", end="<|endoftext|>") -> dict[str, i
 
 def tiny_tokenizer(**kwargs) -> keras_aim.AIMv2Tokenizer:
     return keras_aim.AIMv2Tokenizer(vocabulary=tiny_vocabulary(**kwargs), merges=TINY_MERGES)
+
+
+# --- the tiny models as releases on 127.0.0.1, in the Hub's layout ----------
+
+FIXED_PRESET = "aimv2_test_tiny_28"
+LIT_PRESET = "aimv2_test_tiny_lit"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def register_presets(monkeypatch) -> None:
+    """Adds the tiny fixed-size and LiT models to the presets table (undone
+    after the test), with the released presets' other entries."""
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    table = aimv2_presets.AIMV2_PRESETS
+    monkeypatch.setitem(table, FIXED_PRESET, dict(
+        table["aimv2_large_patch14_224"],
+        model_id="aimv2-test-tiny", repo_id="apple/aimv2-test-tiny", revision=REVISION,
+        config=dict(TINY_FIXED, position_embedding="learned", norm_epsilon=1e-5),
+        image_size=28,
+    ))
+    monkeypatch.setitem(table, LIT_PRESET, dict(
+        table["aimv2_large_patch14_224_lit"],
+        model_id="aimv2-test-lit", repo_id="apple/aimv2-test-lit", revision=REVISION,
+        config=dict(TINY_LIT_VISION, position_embedding="learned", norm_epsilon=1e-5),
+        text_config=dict(TINY_LIT_TEXT), projection_dim=TINY_LIT_PROJECTION,
+        pool_num_heads=4, image_size=28,
+    ))
+
+
+def served_files() -> dict[str, bytes]:
+    import json
+
+    vocabulary = tiny_vocabulary("<start_of_text>", "<end_of_text>")  # the release's spelling
+    fixed = f"apple/aimv2-test-tiny/resolve/{REVISION}/"
+    lit = f"apple/aimv2-test-lit/resolve/{REVISION}/"
+    return {
+        fixed + "model.safetensors": open(path("fixed"), "rb").read(),
+        lit + "model.safetensors": open(path("lit"), "rb").read(),
+        lit + "vocab.json": json.dumps(vocabulary).encode(),
+        lit + "merges.txt": "\n".join(TINY_MERGES).encode(),
+    }
+
+
+def serve_releases(tmp_path, monkeypatch):
+    """Registers the tiny presets, serves their files from 127.0.0.1 and
+    points an empty cache at tmp_path; yields the server."""
+    from tests.release_server import ReleaseServer
+
+    register_presets(monkeypatch)
+    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
+    with ReleaseServer(served_files()) as server:
+        monkeypatch.setenv("KERAS_AIM_HUB_URL", server.url)
+        yield server

@@ -10,10 +10,8 @@ import pytest
 import keras_aim
 from keras_aim.loading import preset_cache
 from keras_aim.loading.download import CorruptDownloadError, OfflineError
-from keras_aim.models.aimv2 import aimv2_presets
 from tests import aimv2_tiny
 from tests.conftest import PARITY_ATOL, to_numpy
-from tests.release_server import ReleaseServer
 
 # --- strict conversion -----------------------------------------------------
 
@@ -154,27 +152,15 @@ def test_transformers_checkpoint_errors_list_the_problems():
 
 # --- releases served from 127.0.0.1 -------------------------------------------
 
-TINY_NAME = "aimv2_test_tiny_28"
-REVISION = "0123456789abcdef0123456789abcdef01234567"
+TINY_NAME = aimv2_tiny.FIXED_PRESET
+REVISION = aimv2_tiny.REVISION
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    """The tiny fixed-size model as a released preset in the Hub's layout
-    (`<repo>/resolve/<revision>/model.safetensors`) on a local server."""
-    entry = dict(
-        aimv2_presets.get_preset("aimv2_large_patch14_224"),
-        model_id="aimv2-test-tiny", repo_id="apple/aimv2-test-tiny",
-        revision=REVISION, config=dict(aimv2_tiny.TINY_FIXED, position_embedding="learned",
-                                       norm_epsilon=1e-5),
-        image_size=28,
-    )
-    monkeypatch.setitem(aimv2_presets.AIMV2_PRESETS, TINY_NAME, entry)
-    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
-    data = open(aimv2_tiny.path("fixed"), "rb").read()
-    with ReleaseServer({f"apple/aimv2-test-tiny/resolve/{REVISION}/model.safetensors": data}) as server:
-        monkeypatch.setenv("KERAS_AIM_HUB_URL", server.url)
-        yield server
+    """The tiny models as released presets in the Hub's layout
+    (`<repo>/resolve/<revision>/<file>`) on a local server."""
+    yield from aimv2_tiny.serve_releases(tmp_path, monkeypatch)
 
 
 def cache_files():
@@ -208,7 +194,7 @@ def test_release_downloads_checks_converts_caches_then_loads_offline(hub, monkey
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong_shape"])
 def test_damaged_download_is_rejected_and_leaves_no_cache_entry(hub, damage):
-    served = next(iter(hub.files))
+    served = next(k for k in hub.files if "aimv2-test-tiny/" in k)
     if damage == "truncated":
         hub.files[served] = hub.files[served][:-1000]
         expected = "not a complete safetensors file"

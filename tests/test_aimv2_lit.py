@@ -1,8 +1,6 @@
 """The AIMv2 LiT model against Apple's outputs (fixtures/aimv2_tiny/lit),
 its tokenizer, zero-shot classification and bad inputs."""
 
-import json
-
 import keras
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_lit import first_end_token
 from tests import aimv2_tiny
 from tests.conftest import PARITY_ATOL, to_numpy
-from tests.release_server import ReleaseServer
 
 
 @pytest.fixture(scope="module")
@@ -174,34 +171,14 @@ def test_lit_preset_has_the_released_count_and_config():
     assert aimv2_presets.START_TOKEN_ID == 49406
 
 
-LIT_NAME = "aimv2_test_tiny_lit"
-REVISION = "fedcba9876543210fedcba9876543210fedcba98"
+LIT_NAME = aimv2_tiny.LIT_PRESET
 
 
 @pytest.fixture
 def lit_hub(tmp_path, monkeypatch):
-    """The tiny LiT model, its vocabulary and merges served in the Hub's
-    layout, registered as a LiT preset."""
-    entry = dict(
-        aimv2_presets.get_preset("aimv2_large_patch14_224_lit"),
-        model_id="aimv2-test-lit", repo_id="apple/aimv2-test-lit", revision=REVISION,
-        config=dict(aimv2_tiny.TINY_LIT_VISION, position_embedding="learned",
-                    norm_epsilon=1e-5),
-        text_config=dict(aimv2_tiny.TINY_LIT_TEXT), projection_dim=32, pool_num_heads=4,
-        image_size=28,
-    )
-    monkeypatch.setitem(aimv2_presets.AIMV2_PRESETS, LIT_NAME, entry)
-    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
-    vocabulary = aimv2_tiny.tiny_vocabulary("<start_of_text>", "<end_of_text>")
-    base = f"apple/aimv2-test-lit/resolve/{REVISION}/"
-    files = {
-        base + "model.safetensors": open(aimv2_tiny.path("lit"), "rb").read(),
-        base + "vocab.json": json.dumps(vocabulary).encode(),
-        base + "merges.txt": "\n".join(aimv2_tiny.TINY_MERGES).encode(),
-    }
-    with ReleaseServer(files) as server:
-        monkeypatch.setenv("KERAS_AIM_HUB_URL", server.url)
-        yield server
+    """The tiny models, the LiT's vocabulary and merges served in the Hub's
+    layout, registered as presets."""
+    yield from aimv2_tiny.serve_releases(tmp_path, monkeypatch)
 
 
 def test_lit_release_with_tokenizer_downloads_caches_and_loads_offline(lit_hub, monkeypatch):

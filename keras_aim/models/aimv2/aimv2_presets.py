@@ -66,6 +66,7 @@ def _vision_config(size: str, image_size: int | None) -> dict[str, Any]:
         "num_heads": heads,
         "intermediate_dim": hidden,
         "position_embedding": "learned" if image_size else "sincos",
+        "position_grid": (image_size // PATCH_SIZE,) * 2 if image_size else None,
         "norm_epsilon": NORM_EPSILON,
     }
 
