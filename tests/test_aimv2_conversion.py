@@ -229,3 +229,45 @@ def test_unknown_and_wrong_kind_presets_get_clear_errors():
         keras_aim.AIMv2LiT.from_preset("aimv2_large_patch14_224", load_weights=False)
     with pytest.raises(ValueError, match="no classifier heads for AIMv2"):
         keras_aim.AIMv2ImageClassifier.from_preset("aimv2_large_patch14_224")
+
+
+# --- the safetensors reader ---------------------------------------------------
+
+
+def test_safetensors_reader_reads_what_the_library_wrote(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from keras_aim.loading.safetensors_file import SafetensorsFile
+
+    path = str(tmp_path / "t.safetensors")
+    rng = np.random.RandomState(0)
+    state = {
+        "a": rng.randn(3, 4).astype("float32"),
+        "b": rng.randn(5).astype(ml_dtypes.bfloat16),
+        "scalar": np.array(2.5, "float32"),
+        "ids": np.arange(6, dtype="int64").reshape(2, 3),
+    }
+    save_file(state, path, metadata={"format": "pt"})
+    reader = SafetensorsFile(path)
+    try:
+        assert sorted(reader.keys()) == sorted(state)
+        assert reader.dtype("b") == "BF16" and reader.shape("scalar") == ()
+        for key, value in load_file(path).items():
+            np.testing.assert_array_equal(reader.array(key), value)
+            assert reader.array(key).dtype == value.dtype
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda data: data[:-4], "header describes .* bytes of tensor data but the file holds"),
+    (lambda data: data + b"\0" * 4, "header describes"),
+    (lambda data: data[:6], "only 6 bytes long"),
+    (lambda data: b"\xff" * 8 + data[8:], "header length .* does not fit"),
+])
+def test_damaged_safetensors_files_are_named(tmp_path, change, problem):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(change(open(aimv2_tiny.path("fixed"), "rb").read()))
+    with pytest.raises(keras_aim.WeightLoadingError, match=problem):
+        keras_aim.load_aimv2_weights(aimv2_tiny.fixed_backbone(load=False), str(path))

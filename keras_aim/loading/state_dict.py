@@ -1,8 +1,9 @@
 """Reading PyTorch-style state dicts and filling Keras variables from them.
 
 Checkpoints of the released models are PyTorch state dicts (`.pth` zip
-files, read here without torch, one tensor at a time), `.safetensors` files,
-or in-memory dicts of arrays. A model family's converter (e.g.
+files, read here without torch, one tensor at a time), `.safetensors` files
+(read one tensor at a time too, `safetensors_file`), or in-memory dicts of
+arrays. A model family's converter (e.g.
 `keras_aim.models.aim.convert_aim`) maps its key names to Keras variables and
 a layout transform; `assign_strictly` checks every key and shape of that map
 before it changes any variable. This module imports no model.
@@ -23,6 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -72,9 +74,10 @@ class _StateDict:
                 "the path."
             )
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            self._reader = _SafetensorsReader(safe_open(path, framework="numpy"))
+            try:
+                self._reader = SafetensorsFile(path)
+            except SafetensorsFormatError as error:
+                raise WeightLoadingError(str(error)) from error
         elif zipfile.is_zipfile(path):
             self._reader = TorchZipReader(path)
         elif _starts_with(path, b"PK\x03\x04"):
@@ -110,23 +113,6 @@ def open_state_dict(source: StateDictLike) -> _StateDict:
     """A released-format state dict (`.pth`, `.safetensors` or a dict),
     opened lazily: `keys()`, `shape(key)`, `array(key)`, `close()`."""
     return _StateDict(source)
-
-
-class _SafetensorsReader:
-    def __init__(self, handle):
-        self._handle = handle
-
-    def keys(self) -> list[str]:
-        return list(self._handle.keys())
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._handle.get_slice(key).get_shape())
-
-    def array(self, key: str) -> np.ndarray:
-        return self._handle.get_tensor(key)
-
-    def close(self) -> None:
-        pass
 
 
 # torch storage classes -> NumPy dtypes (bfloat16 through ml_dtypes).

@@ -15,17 +15,16 @@ Two naming schemes are accepted, told apart by their keys:
 
 Reading and the strict, all-or-nothing assignment are
 `keras_aim.loading.state_dict`'s; checking a downloaded file's structure
-is `keras_aim.loading.safetensors_check`'s.
+is `keras_aim.loading.safetensors_file`'s.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from keras_aim.loading.safetensors_check import check_safetensors
+from keras_aim.loading.safetensors_file import safetensors_header
 from keras_aim.loading.state_dict import (
     StateDictLike,
     WeightLoadingError,
@@ -290,11 +289,12 @@ def load_aimv2_weights(model, checkpoint: StateDictLike) -> None:
 
 
 def check_release_file(path: str, expected_shapes: Mapping[str, tuple]) -> None:
-    """Raises a `WeightLoadingError` unless `path` is a complete float32
-    safetensors file holding exactly `expected_shapes` (key -> torch shape),
-    checked from its header alone: the file is as long as the header says,
-    and every key, dtype and shape is the architecture's."""
-    header = check_safetensors(path)
+    """Raises a `ValueError` unless `path` is a complete float32 safetensors
+    file holding exactly `expected_shapes` (key -> torch shape), checked
+    from its header alone: the file is as long as the header says
+    (`SafetensorsFormatError` otherwise), and every key, dtype and shape is
+    the architecture's (`WeightLoadingError` otherwise)."""
+    header = safetensors_header(path)
     problems = []
     for key, shape in expected_shapes.items():
         if key not in header:
@@ -311,8 +311,3 @@ def check_release_file(path: str, expected_shapes: Mapping[str, tuple]) -> None:
             f"{path} is not the expected checkpoint: {len(problems)} problem(s): "
             + "; ".join(shown)
         )
-
-
-def expected_file_bytes(expected_shapes: Mapping[str, tuple]) -> int:
-    """Bytes of tensor data of a float32 checkpoint with these shapes."""
-    return 4 * sum(math.prod(shape) for shape in expected_shapes.values())
