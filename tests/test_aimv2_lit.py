@@ -218,3 +218,10 @@ def test_keras_file_of_zero_shot_classifier_round_trips(lit, tmp_path):
     classifier.save(path)
     loaded = keras.saving.load_model(path)
     close(loaded(ref["images_nhwc"]), ref["logits_per_image"])
+
+
+def test_architecture_without_weights_is_randomly_initialized_offline(lit_hub):
+    lit = keras_aim.AIMv2LiT.from_preset(LIT_NAME, load_weights=False)
+    assert lit_hub.requests == []
+    for layer in (lit.text_projection, lit.image_projection, lit.vision_encoder.blocks[0].mlp.fc3):
+        assert np.abs(to_numpy(layer.kernel)).max() > 0

@@ -231,29 +231,11 @@ class AIMv2Backbone(Backbone):
         resample_position_embedding=True`).
         """
         if not aimv2_presets.is_preset_name(preset):
-            limit_heap_fragmentation()
-            if not load_weights:
-                return super().from_preset(preset, load_weights=False, **kwargs)
-            with variables_to_be_overwritten():
-                return super().from_preset(preset, load_weights=True, **kwargs)
-        entry = aimv2_presets.get_preset(preset)
-        if entry["kind"] != "vision":
-            raise ValueError(
-                f"{preset} is the LiT image-text model; load it with "
-                "keras_aim.AIMv2LiT.from_preset (its vision encoder is "
-                ".vision_encoder)."
-            )
-        config = {**entry["config"], **kwargs}
-        if not load_weights:
-            return cls(**config)
-        if checkpoint is not None:
-            limit_heap_fragmentation()
-            with variables_to_be_overwritten():
-                backbone = cls(**config)
-            load_aimv2_weights(backbone, checkpoint)
-            return backbone
-        preset_dir = cached_release_preset(cls, preset, kwargs.get("dtype"))
-        return cls.from_preset(preset_dir, **kwargs)
+            return keras_hub_preset(super().from_preset, preset, load_weights, **kwargs)
+        return from_release(
+            cls, preset, "vision", lambda entry, **kw: cls(**{**entry["config"], **kw}),
+            load_weights, checkpoint, **kwargs,
+        )
 
     @classmethod
     def release_preprocessors(cls, name: str, progress: bool = True) -> list:
@@ -278,6 +260,43 @@ def evaluation_converter(name: str, pipeline: str = "clip") -> AIMv2ImageConvert
 def evaluation_preprocessor(name: str) -> AIMv2ImageClassifierPreprocessor:
     """The evaluation preprocessing of preset `name` (the "clip" pipeline)."""
     return AIMv2ImageClassifierPreprocessor(evaluation_converter(name))
+
+
+def keras_hub_preset(from_preset, preset, load_weights: bool, **kwargs):
+    """keras-hub's `from_preset` (the bound base method) for preset
+    directories and handles, loading lean (see `loading.lean_loading`)."""
+    limit_heap_fragmentation()
+    if not load_weights:
+        return from_preset(preset, load_weights=False, **kwargs)
+    with variables_to_be_overwritten():  # the strict load fills every one
+        return from_preset(preset, load_weights=True, **kwargs)
+
+
+WRONG_KIND = {
+    "vision": "{name} is the LiT image-text model; load it with "
+              "keras_aim.AIMv2LiT.from_preset (its vision encoder is .vision_encoder).",
+    "lit": "{name} is a vision encoder; load it with keras_aim.AIMv2Backbone.from_preset. "
+           "The LiT preset is aimv2_large_patch14_224_lit.",
+}
+
+
+def from_release(cls, name: str, kind: str, build, load_weights: bool, checkpoint, **kwargs):
+    """Model class `cls` of release `name` (a `kind` preset): built by
+    `build(entry, **kwargs)` without weights; filled from `checkpoint`; or
+    loaded from the cache (converted into it first if needed)."""
+    entry = aimv2_presets.get_preset(name)
+    if entry["kind"] != kind:
+        raise ValueError(WRONG_KIND[kind].format(name=name))
+    if not load_weights:
+        return build(entry, **kwargs)
+    if checkpoint is not None:
+        limit_heap_fragmentation()
+        with variables_to_be_overwritten():
+            model = build(entry, **kwargs)
+        load_aimv2_weights(model, checkpoint)
+        return model
+    preset_dir = cached_release_preset(cls, name, kwargs.get("dtype"))
+    return cls.from_preset(preset_dir, **kwargs)
 
 
 def release_checkpoint(name: str, progress: bool = True) -> str:

@@ -26,20 +26,15 @@ from keras_hub.models import Backbone
 
 from keras_aim.layers import AIMAttentionProbe, AIMv2TransformerBlock
 from keras_aim.layers.remat import make_blocks
-from keras_aim.loading.lean_loading import (
-    limit_heap_fragmentation,
-    variables_to_be_overwritten,
-    zeros_while_loading,
-)
+from keras_aim.loading.lean_loading import zeros_while_loading
 from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_backbone import (
     AIMv2Backbone,
-    cached_release_preset,
-    evaluation_converter,
+    from_release,
+    keras_hub_preset,
 )
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.aimv2_tokenizer import AIMv2Tokenizer
-from keras_aim.models.aimv2.convert_aimv2 import load_aimv2_weights
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -417,27 +412,10 @@ class AIMv2LiT(Backbone):
         handle. `checkpoint`: a local checkpoint (Apple's or transformers'
         names) to load instead of the release. `dtype` may be given."""
         if not aimv2_presets.is_preset_name(preset):
-            limit_heap_fragmentation()
-            if not load_weights:
-                return super().from_preset(preset, load_weights=False, **kwargs)
-            with variables_to_be_overwritten():
-                return super().from_preset(preset, load_weights=True, **kwargs)
-        entry = aimv2_presets.get_preset(preset)
-        if entry["kind"] != "lit":
-            raise ValueError(
-                f"{preset} is a vision encoder; load it with "
-                "keras_aim.AIMv2Backbone.from_preset. The LiT preset is "
-                "aimv2_large_patch14_224_lit."
-            )
-        if not load_weights or checkpoint is not None:
-            limit_heap_fragmentation()
-            with variables_to_be_overwritten():
-                model = _lit_from_table(entry, kwargs.pop("dtype", None))
-            if checkpoint is not None:
-                load_aimv2_weights(model, checkpoint)
-            return model
-        preset_dir = cached_release_preset(cls, preset, kwargs.get("dtype"))
-        return cls.from_preset(preset_dir, **kwargs)
+            return keras_hub_preset(super().from_preset, preset, load_weights, **kwargs)
+        return from_release(
+            cls, preset, "lit", _lit_from_table, load_weights, checkpoint, **kwargs
+        )
 
     @classmethod
     def release_preprocessors(cls, name: str, progress: bool = True) -> list:
@@ -461,6 +439,7 @@ AIMv2Tokenizer.backbone_cls = AIMv2LiT
 
 
 def _lit_from_table(entry: dict, dtype=None) -> AIMv2LiT:
+    """The LiT model of a presets-table entry, without weights."""
     return AIMv2LiT(
         AIMv2Backbone(**entry["config"], dtype=dtype, name="vision_encoder"),
         AIMv2TextEncoder(**entry["text_config"], dtype=dtype, name="text_encoder"),
