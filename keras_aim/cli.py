@@ -74,8 +74,6 @@ def _aimv2_rows() -> list[tuple[str, ...]]:
             reported = str(entry["imagenet_top1"])
         else:
             reported = "- (distilled)"
-        files = [aimv2_presets.download_path(entry, f)
-                 for f in (aimv2_presets.CHECKPOINT_FILENAME, *entry.get("tokenizer_files", ()))]
         rows.append(
             (
                 name,
@@ -86,7 +84,7 @@ def _aimv2_rows() -> list[tuple[str, ...]]:
                 reported,
                 entry["revision"][:10],
                 entry["sha256"][:8] if entry["sha256"] else "not yet recorded",
-                cache_status(name, files, head_kinds=()),
+                cache_status(name, aimv2_presets.download_paths(entry), head_kinds=()),
             )
         )
     return rows
@@ -106,8 +104,7 @@ def _download_aimv2(args: argparse.Namespace) -> int:
             print(*release_tokenizer_files(args.preset), sep="\n")
         return 0
     (AIMv2LiT if lit else AIMv2Backbone).from_preset(args.preset, dtype=args.dtype)
-    files = [aimv2_presets.download_path(entry, f)
-             for f in (aimv2_presets.CHECKPOINT_FILENAME, *entry.get("tokenizer_files", ()))]
+    files = aimv2_presets.download_paths(entry)
     print(f"{args.preset}: {preset_cache.cache_status(args.preset, files, head_kinds=())}")
     return 0
 
@@ -268,10 +265,8 @@ def _features(args: argparse.Namespace) -> int:
     if not images:
         return 1
     options = {"image_shape": (None, None, 3)}
-    if args.resample_positions:
-        options["resample_position_embedding"] = True
-    if families.backbone_class(args.preset) is not AIMv2Backbone:
-        options.pop("resample_position_embedding", None)  # v1: sin-cos, any size
+    if args.resample_positions and families.backbone_class(args.preset) is AIMv2Backbone:
+        options["resample_position_embedding"] = True  # (AIM-v1: sin-cos, any size)
     backbone = families.backbone_from_preset(args.preset, **options)
     size = args.image_size or _default_size(backbone)
     blocks = None

@@ -168,6 +168,13 @@ def download_path(entry: dict[str, Any], filename: str = CHECKPOINT_FILENAME) ->
     return "/".join((entry["model_id"], entry["revision"], filename))
 
 
+def download_paths(entry: dict[str, Any]) -> list[str]:
+    """Every release file of a preset (checkpoint, and the LiT's tokenizer
+    files), as places under the download cache."""
+    names = (CHECKPOINT_FILENAME, *entry.get("tokenizer_files", ()))
+    return [download_path(entry, name) for name in names]
+
+
 def vision_parameter_count(
     hidden_dim: int,
     num_layers: int,
