@@ -240,7 +240,17 @@ def write_saved_model(
 
     converter = serving_converter(model, image_size)
     height, width = converter.image_size
-    archive, backend_kwargs = _archive(model, backend)
+    archive = keras.export.ExportArchive()
+    backend_kwargs = {}
+    if backend == "jax":
+        # jax2tf binds the tracked variables. On TensorFlow the endpoints
+        # find their variables themselves; tracking the model there would
+        # store every weight twice (Keras variables + the tf.Variables the
+        # functions use): a 2x larger SavedModel.
+        archive.track(model)
+        backend_kwargs["jax2tf_kwargs"] = {
+            "native_serialization_platforms": JAX_SERVING_PLATFORMS
+        }
     if isinstance(model, AIMv2LiT):
         _add_lit_endpoints(archive, model, converter, backend_kwargs)
         archive.write_out(path, verbose=False)
@@ -270,57 +280,31 @@ def write_saved_model(
         input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")]
     )
     def serve_image_bytes(image_bytes):
-        return predict(_decode_images(image_bytes, converter))
+        def decode_and_preprocess(data):
+            # JPEG with the accurate IDCT: the same pixels as PIL (what
+            # `keras-aim classify` and the released evaluation read with).
+            image = tf.cond(
+                tf.io.is_jpeg(data),
+                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+            )
+            image.set_shape((None, None, 3))
+            return converter(image)
 
-    _add_functions(archive, {"serving_default": serve_images,
-                             "predict_images": serve_image_bytes})
-    archive.write_out(path, verbose=False)
+        images = tf.map_fn(
+            decode_and_preprocess,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
+        )
+        return predict(images)
 
-
-def _archive(model, backend: str):
-    """An `ExportArchive` and the keyword arguments of its model endpoints."""
-    archive = keras.export.ExportArchive()
-    backend_kwargs = {}
-    if backend == "jax":
-        # jax2tf binds the tracked variables. On TensorFlow the endpoints
-        # find their variables themselves; tracking the model there would
-        # store every weight twice (Keras variables + the tf.Variables the
-        # functions use): a 2x larger SavedModel.
-        archive.track(model)
-        backend_kwargs["jax2tf_kwargs"] = {
-            "native_serialization_platforms": JAX_SERVING_PLATFORMS
-        }
-    return archive, backend_kwargs
-
-
-def _add_functions(archive, functions: dict) -> None:
-    for name, function in functions.items():
+    for name, function in (
+        ("serving_default", serve_images),
+        ("predict_images", serve_image_bytes),
+    ):
         function.get_concrete_function()  # traced once: ExportArchive needs it
         archive.add_endpoint(name, function)
-
-
-def _decode_images(image_bytes, converter):
-    """Encoded images `(B,)` -> the converter's float batch, in TF ops."""
-    import tensorflow as tf
-
-    height, width = converter.image_size
-
-    def decode_and_preprocess(data):
-        # JPEG with the accurate IDCT: the same pixels as PIL (what
-        # `keras-aim classify` and the released evaluation read with).
-        image = tf.cond(
-            tf.io.is_jpeg(data),
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-        )
-        image.set_shape((None, None, 3))
-        return converter(image)
-
-    return tf.map_fn(
-        decode_and_preprocess,
-        image_bytes,
-        fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
-    )
+    archive.write_out(path, verbose=False)
 
 
 def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> None:
@@ -396,12 +380,14 @@ def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> N
         logits = outputs["logit_scale"] * tf.matmul(image, text, transpose_b=True)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
-    _add_functions(archive, {
-        "serving_default": image_embedding,
-        "image_embedding": image_embedding,
-        "text_embedding": text_embedding,
-        "zero_shot_logits": zero_shot,
-    })
+    for name, function in (
+        ("serving_default", image_embedding),
+        ("image_embedding", image_embedding),
+        ("text_embedding", text_embedding),
+        ("zero_shot_logits", zero_shot),
+    ):
+        function.get_concrete_function()
+        archive.add_endpoint(name, function)
 
 
 def _write_in_tensorflow_process(model, path, top_k, image_size) -> None:
