@@ -159,8 +159,8 @@ def _refuse_existing(target: Path, overwrite: bool) -> None:
 def _check_exportable(model, top_k: int) -> None:
     if not isinstance(model, EXPORTABLE):
         raise TypeError(
-            "export_saved_model exports an AIMImageClassifier, AIMBackbone, "
-            "AIMv2Backbone or AIMv2LiT; "
+            "export_saved_model exports an AIMImageClassifier or AIMBackbone "
+            "(AIM-v1 or AIMv2) or an AIMv2LiT; "
             f"received {type(model).__name__}. For other Keras models use "
             "keras.export.ExportArchive."
         )
