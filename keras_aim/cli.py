@@ -1,4 +1,5 @@
-"""The `keras-aim` command line: info, download, classify, features, export."""
+"""The `keras-aim` command line: info, download, classify, zero-shot,
+features, export."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from keras_aim.models.aim.aim_presets import (
     RELEASE_BASE_URL,
     released_filenames,
 )
+from keras_aim.models.aimv2 import aimv2_presets
+from keras_aim.models.aimv2.aimv2_presets import AIMV2_PRESETS
+
+LIT_PRESET = "aimv2_large_patch14_224_lit"
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -43,12 +48,21 @@ def _info(args: argparse.Namespace) -> int:
                 cache_status(name, released_filenames(name)),
             )
         )
+    print("AIM-v1")
     _table(rows)
     print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
     for strength, names in _checksum_strengths().items():
         print(f"Checksums of {', '.join(names)}: {strength}"
               + (" (all that is recorded for Apple's files: it catches damaged "
                  "files, not deliberately forged ones)" if "prefix" in strength else ""))
+    print()
+    print("AIMv2 (Apple's model.safetensors at the pinned Hub revision)")
+    _table(_aimv2_rows())
+    print(
+        "Released checkpoints: https://huggingface.co/apple/<repo>/resolve/<revision>/; "
+        "their SHA-256 digests are not yet recorded, so a download is checked "
+        "by its safetensors header (complete file, every key, dtype and shape)."
+    )
     print(f"Cache: {keras_aim_home()} (set KERAS_AIM_HOME to move it)")
     return 0
 
@@ -64,10 +78,60 @@ def _checksum_strengths() -> dict[str, list[str]]:
     return found
 
 
+def _aimv2_rows() -> list[tuple[str, ...]]:
+    from keras_aim.loading.preset_cache import cache_status
+
+    rows = [("preset", "size", "resolution", "params", "fp32 size",
+             "IN-1k top-1", "revision", "SHA-256", "cache")]
+    for name, entry in AIMV2_PRESETS.items():
+        size = entry["image_size"]
+        if entry["kind"] == "lit":
+            reported = f"{entry['zero_shot_top1']} zero-shot"
+        elif entry["imagenet_top1"] is not None:
+            reported = str(entry["imagenet_top1"])
+        else:
+            reported = "- (distilled)"
+        rows.append(
+            (
+                name,
+                entry["size"],
+                f"{size}x{size}" if size else "native",
+                f"{entry['params']:,}",
+                f"{entry['params'] * 4 / 1e9:.1f} GB",
+                reported,
+                entry["revision"][:10],
+                entry["sha256"][:8] if entry["sha256"] else "not yet recorded",
+                cache_status(name, aimv2_presets.download_paths(entry), head_kinds=()),
+            )
+        )
+    return rows
+
+
+def _download_aimv2(args: argparse.Namespace) -> int:
+    from keras_aim.loading import preset_cache
+    from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone, release_checkpoint
+    from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT
+    from keras_aim.models.aimv2.aimv2_tokenizer import release_tokenizer_files
+
+    entry = aimv2_presets.get_preset(args.preset)
+    lit = entry["kind"] == "lit"
+    if args.files_only:
+        print(release_checkpoint(args.preset))
+        if lit:
+            print(*release_tokenizer_files(args.preset), sep="\n")
+        return 0
+    (AIMv2LiT if lit else AIMv2Backbone).from_preset(args.preset, dtype=args.dtype)
+    files = aimv2_presets.download_paths(entry)
+    print(f"{args.preset}: {preset_cache.cache_status(args.preset, files, head_kinds=())}")
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from keras_aim.loading import preset_cache
     from keras_aim.models.aim.aim_presets import get_preset
 
+    if aimv2_presets.is_preset_name(args.preset):
+        return _download_aimv2(args)
     entry = get_preset(args.preset)
     kinds = list(HEAD_KINDS) if args.probe == "all" else (
         [] if args.probe == "none" else [args.probe]
@@ -123,6 +187,14 @@ def _classify(args: argparse.Namespace) -> int:
 
     from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
 
+    if aimv2_presets.is_preset_name(args.preset):
+        print(
+            f"error: Apple released no ImageNet heads for AIMv2, so {args.preset} "
+            "cannot classify by itself. Use `keras-aim zero-shot IMAGE... --labels "
+            f"...` (preset {LIT_PRESET}), or train a probe with recipes.attentive_probe.",
+            file=sys.stderr,
+        )
+        return 1
     names, images, failures = read_images(args.images)
     if not images:
         return 1
@@ -174,27 +246,69 @@ def check_npz_output(path: str) -> None:
         raise ValueError(f"--out {path}: {existing} is not a writable folder.")
 
 
+def _zero_shot(args: argparse.Namespace) -> int:
+    import numpy as np
+    from keras import ops
+
+    from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
+    from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT, zero_shot_classifier
+    from keras_aim.models.aimv2.aimv2_tokenizer import AIMv2Tokenizer
+
+    labels = [label.strip() for label in args.labels.split(",")]
+    templates = args.template or ["a photo of a {}."]
+    names, images, failures = read_images(args.images)
+    if not images:
+        return 1
+    model = AIMv2LiT.from_preset(args.preset)
+    tokenizer = AIMv2Tokenizer.from_preset(args.preset)
+    classifier = zero_shot_classifier(model, labels, templates, tokenizer)
+    converter = AIMv2ImageConverter(image_size=model.vision_encoder.image_shape[:2])
+    top_k = min(args.top_k, len(labels))
+    for start in range(0, len(images), args.batch_size):
+        batch = preprocess(converter, images[start : start + args.batch_size])
+        probabilities = ops.convert_to_numpy(ops.softmax(classifier(batch), axis=-1))
+        for path, probs in zip(names[start : start + args.batch_size], probabilities):
+            print(path)
+            for rank, index in enumerate(np.argsort(-probs)[:top_k], 1):
+                print(f"  {rank}. {labels[index]:<30} {probs[index]:.4f}")
+    return 1 if failures else 0
+
+
 def _features(args: argparse.Namespace) -> int:
     import numpy as np
     from keras import ops
 
-    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models import families
     from keras_aim.models.aim.aim_image_classifier import resolve_probe_layers
-    from keras_aim.models.aim.aim_image_converter import AIMImageConverter
+    from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone
     from keras_aim.utils.atomic_files import atomic_file
     from keras_aim.utils.image_shapes import check_patch_multiple
 
     check_npz_output(args.out)
-    backbone = AIMBackbone.from_preset(args.preset, image_shape=(None, None, 3))
-    size = args.image_size or 224
+    options = {"image_shape": (None, None, 3)}
+    if args.resample_positions and families.backbone_class(args.preset) is AIMv2Backbone:
+        options["resample_position_embedding"] = True  # (AIM-v1: sin-cos, any size)
+    backbone = families.backbone_from_preset(args.preset, **options)
+    size = args.image_size or _default_size(backbone)
     check_patch_multiple((size, size), backbone.patch_size, f"--image-size {size}")
+    grid = getattr(backbone, "position_grid", None)
+    if grid and not backbone.resample_position_embedding and (
+        size != grid[0] * backbone.patch_size or grid[0] != grid[1]
+    ):
+        raise ValueError(
+            f"{args.preset} has a learned position table for "
+            f"{grid[0] * backbone.patch_size}x{grid[1] * backbone.patch_size} images; "
+            f"use --image-size {grid[0] * backbone.patch_size}, or pass "
+            "--resample-positions to resample the table (bicubic; this changes "
+            "the features)."
+        )
     blocks = None
     if args.blocks != "final":
         blocks = resolve_probe_layers(args.blocks, backbone)
     names, images, failures = read_images(args.images)
     if not images:
         return 1
-    converter = AIMImageConverter(image_size=(size, size))
+    converter = families.evaluation_converter(backbone, size)
     pooling = None if args.pooling == "none" else args.pooling
     features = []
     for start in range(0, len(images), args.batch_size):
@@ -214,6 +328,14 @@ def _features(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _default_size(backbone) -> int:
+    """The features' default crop: a learned table's own size, else 224."""
+    grid = getattr(backbone, "position_grid", None)
+    if grid and grid[0] == grid[1]:
+        return grid[0] * backbone.patch_size
+    return 224
+
+
 def _export(args: argparse.Namespace) -> int:
     from keras_aim.export import export_saved_model, resolve_version
 
@@ -229,6 +351,12 @@ def _export(args: argparse.Namespace) -> int:
         import keras
 
         model = keras.saving.load_model(args.model, compile=False)
+    elif aimv2_presets.is_preset_name(args.preset):
+        from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone
+        from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT
+
+        lit = aimv2_presets.get_preset(args.preset)["kind"] == "lit"
+        model = (AIMv2LiT if lit else AIMv2Backbone).from_preset(args.preset)
     elif args.backbone:
         from keras_aim.models.aim.aim_backbone import AIMBackbone
 
@@ -246,8 +374,9 @@ def _export(args: argparse.Namespace) -> int:
         top_k=args.top_k or 5,
         image_size=args.image_size,
     )
-    print(f"{path}: SavedModel with signatures serving_default, predict_images, "
-          "predict_preprocessed")
+    from keras_aim.export import signature_names
+
+    print(f"{path}: SavedModel with signatures {', '.join(signature_names(model))}")
     return 0
 
 
@@ -256,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="keras-aim",
-        description="AIM (Autoregressive Image Models) for Keras 3.",
+        description="AIM and AIMv2 (Autoregressive Image Models) for Keras 3.",
     )
     parser.add_argument(
         "--version", action="version", version=f"keras-aim {__version__}"
@@ -268,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     info = commands.add_parser(
-        "info", help="list the released AIM presets and what is cached"
+        "info", help="list the released AIM and AIMv2 presets and what is cached"
     )
     info.set_defaults(handler=_info)
 
@@ -276,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         "download",
         help="download, verify, convert and cache a preset for offline use",
     )
-    download.add_argument("preset", help="e.g. aim_600m")
+    download.add_argument("preset", help="e.g. aim_600m, aimv2_large_patch14_224")
     download.add_argument(
         "--probe", choices=[*HEAD_KINDS, "all", "none"], default="all",
         help="released classifier heads to cache too (default: all)",
@@ -307,11 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--dtype", default=None, help="e.g. bfloat16")
     classify.set_defaults(handler=_classify)
 
+    zero_shot = commands.add_parser(
+        "zero-shot", help="classify images over any labels with the AIMv2 LiT model"
+    )
+    zero_shot.add_argument("images", nargs="+", metavar="IMAGE")
+    zero_shot.add_argument(
+        "--labels", required=True, help='comma-separated class names, e.g. "cat,dog,car"'
+    )
+    zero_shot.add_argument(
+        "--template", action="append", default=None,
+        help='prompt template with one {} (repeat for an ensemble; default '
+        '"a photo of a {}.")',
+    )
+    zero_shot.add_argument("--preset", default=LIT_PRESET)
+    zero_shot.add_argument("--top-k", type=positive_int, default=5)
+    zero_shot.add_argument("--batch-size", type=positive_int, default=8)
+    zero_shot.set_defaults(handler=_zero_shot)
+
     features = commands.add_parser(
         "features", help="save trunk features of images to an .npz file"
     )
     features.add_argument("images", nargs="+", metavar="IMAGE")
-    features.add_argument("--preset", default="aim_600m")
+    features.add_argument("--preset", default="aim_600m",
+                          help="an AIM or AIMv2 preset, or a preset directory")
     features.add_argument("--out", required=True, help="output .npz")
     features.add_argument(
         "--blocks", default="final", type=_block_choice,
@@ -320,7 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--pooling", choices=["mean", "none"], default="mean")
     features.add_argument(
         "--image-size", type=positive_int, default=None,
-        help="side after resize + center crop (a multiple of the patch; default 224)",
+        help="side after resize + center crop (a multiple of the patch; default: "
+        "the preset's size, 224 for AIM-v1 and the native model)",
+    )
+    features.add_argument(
+        "--resample-positions", action="store_true",
+        help="AIMv2 with a learned position table: resample it (bicubic) to "
+        "another --image-size; this changes the features",
     )
     features.add_argument("--batch-size", type=positive_int, default=8)
     features.set_defaults(handler=_features)
@@ -332,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--preset", help="preset name, released-files directory or preset directory"
     )
-    source.add_argument("--model", help="a .keras file (AIMImageClassifier or AIMBackbone)")
+    source.add_argument(
+        "--model", help="a .keras file (AIMImageClassifier, AIMBackbone, AIMv2Backbone or AIMv2LiT)"
+    )
     export.add_argument("--out", required=True, help="TF Serving model base path")
     export.add_argument(
         "--version", type=positive_int, default=None,
@@ -343,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--backbone", action="store_true",
-        help="export the preset's trunk (embedding, tokens) instead of the classifier",
+        help="export the preset's trunk (embedding, tokens) instead of the classifier "
+        "(AIMv2 presets: always their trunk, or the LiT model's embeddings)",
     )
     export.add_argument(
         "--probe", choices=HEAD_KINDS, default=None,

@@ -94,6 +94,7 @@ def no_network_and_private_cache(tmp_path_factory, monkeypatch):
     points at a closed local port and KERAS_AIM_HOME at a temp folder."""
     monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path_factory.mktemp("aim_home")))
     monkeypatch.setenv("KERAS_AIM_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("KERAS_AIM_HUB_URL", "http://127.0.0.1:9/")  # AIMv2 releases
     monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
 
 

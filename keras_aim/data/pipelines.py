@@ -22,17 +22,26 @@ from keras_aim.models.aim.aim_image_converter import (
 AUGMENTATIONS = ("aim", "shift", "none")
 
 
-def normalize(images):
-    """[0, 255] pixels -> ImageNet mean/std normalized float32."""
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """[0, 255] pixels -> mean/std normalized float32 (ImageNet's by default)."""
     images = tf.cast(images, "float32") / 255.0
-    return (images - IMAGENET_MEAN) / IMAGENET_STD
+    return (images - mean) / std
 
 
-def aim_augment(image, seed, image_size: int):
+def converter_statistics(converter) -> tuple[tuple, tuple]:
+    """`(mean, std)` over [0, 1] pixels of an image converter, from its
+    scale and offset (`x * scale + offset` on [0, 255] pixels)."""
+    std = tuple(1.0 / (255.0 * float(s)) for s in converter.scale)
+    mean = tuple(-float(o) * s for o, s in zip(converter.offset, std))
+    return mean, std
+
+
+def aim_augment(image, seed, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The paper's training augmentation on one uint8 image `(H, W, 3)`:
     random resized crop (area 0.4-1.0, aspect 3/4-4/3, bicubic) to
     `image_size`, horizontal flip, color jitter (0.4, 0.4, 0.2, 0.1) with
-    probability 0.8, then normalization. `seed`: shape-(2,) int tensor."""
+    probability 0.8, then normalization with `mean`/`std`. `seed`:
+    shape-(2,) int tensor."""
     seeds = tf.random.experimental.stateless_split(seed, num=7)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
@@ -60,10 +69,11 @@ def aim_augment(image, seed, image_size: int):
 
     apply = tf.random.stateless_uniform((), seeds[6]) < 0.8
     image = tf.cond(apply, lambda: jitter(image), lambda: image)
-    return (image - IMAGENET_MEAN) / IMAGENET_STD
+    return (image - mean) / std
 
 
-def shift_augment(image, seed, max_shift: int, image_size: int | None = None):
+def shift_augment(image, seed, max_shift: int, image_size: int | None = None,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Random translation by up to `max_shift` pixels (zero padding), then
     normalization: a gentle augmentation for tiny images such as digits.
 
@@ -76,7 +86,7 @@ def shift_augment(image, seed, max_shift: int, image_size: int | None = None):
         height = width = image_size
     padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
     image = tf.image.stateless_random_crop(padded, (height, width, 3), seed)
-    return normalize(image)
+    return normalize(image, mean, std)
 
 
 def _pixel_crop(image_size: int) -> AIMImageConverter:
@@ -84,19 +94,22 @@ def _pixel_crop(image_size: int) -> AIMImageConverter:
     return AIMImageConverter(image_size=(image_size, image_size), scale=1.0, offset=0.0)
 
 
-def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int):
+def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int,
+                converter=None):
     if augmentation not in AUGMENTATIONS:
         raise ValueError(
             f"augmentation must be one of {AUGMENTATIONS}; received {augmentation!r}."
         )
-    converter = AIMImageConverter(image_size=(image_size, image_size))
+    if converter is None:
+        converter = AIMImageConverter(image_size=(image_size, image_size))
+    mean, std = converter_statistics(converter)
 
     def fn(index, image):
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         if augmentation == "aim":
-            return aim_augment(image, element_seed, image_size)
+            return aim_augment(image, element_seed, image_size, mean, std)
         if augmentation == "shift":
-            return shift_augment(image, element_seed, max_shift, image_size)
+            return shift_augment(image, element_seed, max_shift, image_size, mean, std)
         return converter(image)
 
     return fn
@@ -165,6 +178,7 @@ def classification_dataset(
     max_shift: int = 2,
     num_classes: int | None = None,
     shuffle_buffer: int = 10_000,
+    converter=None,
 ) -> tf.data.Dataset:
     """(normalized images, labels) batches for probes and fine-tuning.
 
@@ -173,6 +187,9 @@ def classification_dataset(
     Training: shuffled and augmented, one pass per epoch. Evaluation: the
     evaluation transform, in order. For arrays, raises before any training
     if the data is empty or a label is outside `[0, num_classes)`.
+    `converter`: the evaluation transform, whose mean/std the augmentations
+    use too (default: AIM-v1's `AIMImageConverter` at `image_size`; an
+    AIMv2 trunk takes `keras_aim.models.families.evaluation_converter`).
     """
     if labels is None:
         if not isinstance(images, tf.data.Dataset):
@@ -191,7 +208,9 @@ def classification_dataset(
             (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
         )
         buffer = len(labels)
-    augment = _augment_fn(augmentation if training else "none", image_size, seed, max_shift)
+    augment = _augment_fn(
+        augmentation if training else "none", image_size, seed, max_shift, converter
+    )
     if training:
         source = source.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = source.enumerate().map(

@@ -7,6 +7,7 @@ See `keras_aim.export.saved_model`.
 """
 
 from keras_aim.export.saved_model import (
+    embedding_outputs,
     export_saved_model,
     keras2_layer,
     next_version,
@@ -15,10 +16,12 @@ from keras_aim.export.saved_model import (
     rest_request_body,
     serving_converter,
     serving_outputs,
+    signature_names,
     write_saved_model,
 )
 
 __all__ = [
+    "embedding_outputs",
     "export_saved_model",
     "keras2_layer",
     "next_version",
@@ -27,5 +30,6 @@ __all__ = [
     "rest_request_body",
     "serving_converter",
     "serving_outputs",
+    "signature_names",
     "write_saved_model",
 ]

@@ -13,11 +13,15 @@ from keras_aim.utils.arguments import check_positive_ints
 class AIMAttentionProbe(keras.layers.Layer):
     """Attention-pooling classifier head of the released AIM checkpoints.
 
-    1. `bn`: BatchNormalization over D without scale/center (eps 1e-6).
+    1. `bn`: BatchNormalization over D without scale/center (eps 1e-6);
+       absent with `use_batch_norm=False`.
     2. One learned query `cls_token` (1, 1, D), used as is (no projection);
        keys `k` and values `v` are bias-free Dense D -> D; multi-head
        attention with `num_heads` heads pools the tokens to `(batch, D)`.
-    3. `linear`: bias-free Dense D -> num_classes.
+    3. `linear`: Dense D -> num_classes, bias-free unless `use_bias`.
+
+    The AIMv2 LiT image head is the same pooling without batch norm and
+    with a biased `linear` D -> D.
 
     Args:
         hidden_dim: feature width D.
@@ -25,6 +29,8 @@ class AIMAttentionProbe(keras.layers.Layer):
         num_heads: attention heads (the trunk's).
         epsilon: BatchNormalization epsilon.
         activation: optional activation on the logits.
+        use_batch_norm: normalize the features first (AIM-v1's heads).
+        use_bias: give `linear` a bias (AIMv2's LiT head).
 
     Call arguments:
         x: `(batch, N, D)` features (the trunk's averaged block outputs).
@@ -41,6 +47,8 @@ class AIMAttentionProbe(keras.layers.Layer):
         num_heads: int,
         epsilon: float = 1e-6,
         activation=None,
+        use_batch_norm: bool = True,
+        use_bias: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,14 +64,18 @@ class AIMAttentionProbe(keras.layers.Layer):
         self.num_heads = num_heads
         self.epsilon = epsilon
         self.activation = keras.activations.get(activation)
-        self.bn = keras.layers.BatchNormalization(
-            center=False,
-            scale=False,
-            epsilon=epsilon,
-            momentum=0.9,  # torch's momentum=0.1
-            dtype=self.dtype_policy,
-            name="bn",
-        )
+        self.use_batch_norm = use_batch_norm
+        self.use_bias = use_bias
+        self.bn = None
+        if use_batch_norm:
+            self.bn = keras.layers.BatchNormalization(
+                center=False,
+                scale=False,
+                epsilon=epsilon,
+                momentum=0.9,  # torch's momentum=0.1
+                dtype=self.dtype_policy,
+                name="bn",
+            )
         self.k = keras.layers.Dense(
             hidden_dim, use_bias=False, dtype=self.dtype_policy, name="k"
         )
@@ -71,11 +83,12 @@ class AIMAttentionProbe(keras.layers.Layer):
             hidden_dim, use_bias=False, dtype=self.dtype_policy, name="v"
         )
         self.linear = keras.layers.Dense(
-            num_classes, use_bias=False, dtype=self.dtype_policy, name="linear"
+            num_classes, use_bias=use_bias, dtype=self.dtype_policy, name="linear"
         )
 
     def build(self, input_shape):
-        self.bn.build(input_shape)
+        if self.bn is not None:
+            self.bn.build(input_shape)
         self.k.build(input_shape)
         self.v.build(input_shape)
         self.cls_token = self.add_weight(
@@ -89,7 +102,8 @@ class AIMAttentionProbe(keras.layers.Layer):
     def call(self, x, training=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
-        x = self.bn(x, training=training)
+        if self.bn is not None:
+            x = self.bn(x, training=training)
         k = ops.reshape(self.k(x), (batch, length, heads, head_dim))
         v = ops.reshape(self.v(x), (batch, length, heads, head_dim))
         q = ops.cast(self.cls_token, k.dtype)
@@ -112,6 +126,8 @@ class AIMAttentionProbe(keras.layers.Layer):
                 "num_heads": self.num_heads,
                 "epsilon": self.epsilon,
                 "activation": keras.activations.serialize(self.activation),
+                "use_batch_norm": self.use_batch_norm,
+                "use_bias": self.use_bias,
             }
         )
         return config

@@ -55,3 +55,34 @@ class AIMMLP(keras.layers.Layer):
             }
         )
         return config
+
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class AIMSwiGLUMLP(AIMMLP):
+    """The bias-free SwiGLU MLP of AIMv2 blocks: `fc2(silu(fc1(x)) * fc3(x))`.
+
+    `fc1` is the gate (it gets the SiLU), `fc3` the linear "up" projection,
+    `fc2` the "down" projection: the released key names. Same arguments as
+    `AIMMLP`; `intermediate_dim` is the gated width Hm (given explicitly in
+    the released models, not as a ratio).
+
+    Call arguments:
+        x: `(..., D)`.
+
+    Returns:
+        `(..., D)`.
+    """
+
+    def __init__(self, hidden_dim: int, intermediate_dim: int, **kwargs):
+        super().__init__(hidden_dim, intermediate_dim, **kwargs)
+        self.fc3 = keras.layers.Dense(
+            intermediate_dim, use_bias=False, dtype=self.dtype_policy, name="fc3"
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.fc3.build(input_shape)
+
+    def call(self, x):
+        return self.fc2(keras.activations.silu(self.fc1(x)) * self.fc3(x))

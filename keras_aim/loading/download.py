@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Callable
 
 from keras_aim.version import __version__
 
@@ -22,6 +23,11 @@ class DownloadError(OSError):
 
 class ChecksumError(ValueError):
     """A downloaded file does not have the published SHA-256 digest."""
+
+
+class CorruptDownloadError(ValueError):
+    """A downloaded file failed the structural check given for it (where no
+    SHA-256 digest is recorded); it was deleted."""
 
 
 class OfflineError(FileNotFoundError):
@@ -91,10 +97,11 @@ def verify_sha256(path: str, expected: str, source: str, fix: str | None = None)
 def download_file(
     url: str,
     destination: str,
-    sha256: str,
+    sha256: str | None,
     retries: int = 4,
     timeout: float = 60.0,
     progress: bool = True,
+    verify: Callable[[str], None] | None = None,
 ) -> str:
     """Downloads `url` to `destination`, verified and atomically.
 
@@ -104,8 +111,13 @@ def download_file(
     to `destination`; a mismatch deletes it and raises `ChecksumError`.
     Connection failures are retried `retries` times with backoff, then
     raise `DownloadError`, which says how to work offline.
+
+    `sha256=None` means no digest is recorded: then `verify(path)` (which
+    raises on a bad file) is what checks the download; a file it rejects
+    is deleted and `CorruptDownloadError` raised.
     """
-    check_digest(sha256)
+    if sha256 is not None:
+        check_digest(sha256)
     if offline():
         raise OfflineError(
             f"KERAS_AIM_OFFLINE is set and {os.path.basename(destination)} "
@@ -137,7 +149,18 @@ def download_file(
         time.sleep(min(0.5 * 2**attempt, 8.0))
     else:
         raise DownloadError(f"Downloading {url} failed after {retries + 1} attempts.")
-    verify_sha256(partial, sha256, url)
+    if sha256 is not None:
+        verify_sha256(partial, sha256, url)
+    if verify is not None:
+        try:
+            verify(partial)
+        except Exception as error:
+            os.remove(partial)
+            raise CorruptDownloadError(
+                f"The download of {url} is damaged and was deleted: {error} "
+                "Run again to download it anew, or check KERAS_AIM_HUB_URL / "
+                "KERAS_AIM_BASE_URL if you use a mirror."
+            ) from error
     os.replace(partial, destination)
     return destination
 

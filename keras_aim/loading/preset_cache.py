@@ -10,6 +10,8 @@ that builds its model and fills the staging folder (see
 Cache layout (`$KERAS_AIM_HOME`, default `~/.keras/keras_aim`):
 
     downloads/<released file>              verified released files
+    downloads/<model_id>/<revision>/<file> files of Hub repositories (every
+                                           AIMv2 checkpoint is model.safetensors)
     presets/<preset>[-<dtype>]/            keras-hub preset: config.json,
         metadata.json, model.weights.h5 (sharded when large),
         preprocessor.json, image_converter.json
@@ -46,7 +48,7 @@ def release_url(filename: str, default_base_url: str) -> str:
 
 
 def downloaded_path(filename: str) -> str:
-    return os.path.join(keras_aim_home(), "downloads", filename)
+    return os.path.join(keras_aim_home(), "downloads", *filename.split("/"))
 
 
 def release_file(
@@ -78,6 +80,22 @@ def release_file(
         ))
         return cached
     return download_file(url, cached, sha256, progress=progress)
+
+
+def url_file(
+    cache_name: str,
+    url: str,
+    sha256: str | None,
+    verify: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> str:
+    """Local path of the file at `url`, kept as `downloads/<cache_name>`
+    (a relative path with `/`): from the download cache, or downloaded and
+    checked (SHA-256 if known, else `verify(path)`) before it is kept."""
+    cached = downloaded_path(cache_name)
+    if os.path.exists(cached):
+        return cached
+    return download_file(url, cached, sha256, progress=progress, verify=verify)
 
 
 def variable_dtype(dtype) -> str:

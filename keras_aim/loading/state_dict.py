@@ -1,8 +1,9 @@
 """Reading PyTorch-style state dicts and filling Keras variables from them.
 
 Checkpoints of the released models are PyTorch state dicts (`.pth` zip
-files, read here without torch, one tensor at a time), `.safetensors` files,
-or in-memory dicts of arrays. A model family's converter (e.g.
+files, read here without torch, one tensor at a time), `.safetensors` files
+(read one tensor at a time too, `safetensors_file`), or in-memory dicts of
+arrays. A model family's converter (e.g.
 `keras_aim.models.aim.convert_aim`) maps its key names to Keras variables and
 a layout transform; `assign_strictly` checks every key and shape of that map
 before it changes any variable. This module imports no model.
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -74,7 +76,10 @@ class _StateDict:
                 "the path."
             )
         if path.endswith(".safetensors"):
-            self._reader = _SafetensorsReader(path)
+            try:
+                self._reader = SafetensorsFile(path)
+            except SafetensorsFormatError as error:
+                raise WeightLoadingError(str(error)) from error
         elif zipfile.is_zipfile(path):
             self._reader = TorchZipReader(path)
         elif _starts_with(path, b"PK\x03\x04"):
@@ -124,46 +129,6 @@ def open_state_dict(source: StateDictLike) -> _StateDict:
     """A released-format state dict (`.pth`, `.safetensors` or a dict),
     opened lazily: `keys()`, `shape(key)`, `array(key)`, `close()`."""
     return _StateDict(source)
-
-
-class _SafetensorsReader:
-    """A `.safetensors` file: the library checks at opening that the header
-    describes every tensor within the file, so a truncated file is refused
-    before anything is read."""
-
-    def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
-
-        self.path = path
-        self._errors = (SafetensorError, OSError)
-        try:
-            self._handle = safe_open(path, framework="numpy")
-        except self._errors as error:
-            raise WeightLoadingError(
-                f"{path!r} is not a readable .safetensors file ({error}): it is "
-                "probably truncated or damaged. Delete it and download or "
-                "write it again."
-            ) from error
-
-    def keys(self) -> list[str]:
-        return list(self._handle.keys())
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._handle.get_slice(key).get_shape())
-
-    def array(self, key: str) -> np.ndarray:
-        try:
-            return self._handle.get_tensor(key)
-        except self._errors as error:
-            raise WeightLoadingError(
-                f"Could not read tensor {key!r} of {self.path!r} ({error})."
-            ) from error
-
-    def verify(self, keys) -> None:
-        pass  # sizes were checked on opening; the format has no checksums
-
-    def close(self) -> None:
-        pass
 
 
 # torch storage classes -> NumPy dtypes (bfloat16 through ml_dtypes).
@@ -464,4 +429,5 @@ def _assign(variable, value: np.ndarray) -> None:
 
     if value.dtype.name == "bfloat16":  # not every backend takes ml_dtypes
         value = value.astype("float32")
-    variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
+    # np.require, not np.ascontiguousarray: that one turns 0-d into (1,).
+    variable.assign(ops.cast(np.require(value, requirements="C"), variable.dtype))

@@ -208,6 +208,8 @@ def probe_parameter_count(hidden_dim: int, num_classes: int) -> int:
 def preset_for_architecture(config: dict[str, Any]) -> str | None:
     """Name of the released preset with this architecture, if any."""
     keys = ("hidden_dim", "num_layers", "num_heads", "patch_size")
+    if "mlp_ratio" not in config:
+        return None  # not an AIM-v1 trunk (AIMv2's shapes may coincide)
     for name, entry in AIM_PRESETS.items():
         if all(entry["config"][k] == config.get(k) for k in keys):
             return name
