@@ -1,11 +1,21 @@
-"""Exporting models for serving: a SavedModel for TensorFlow Serving, from
-any backend, with the evaluation preprocessing inside the graph.
+"""Exporting models for serving, in every Keras export format, from any
+backend:
 
-    export_saved_model(model, "serving/aim", version=None)
+    export_model(model, "aim.onnx", format="onnx")       # onnx, openvino, litert, torch
+    export_saved_model(model, "serving/aim", version=None)  # TF Serving, preprocessing inside
 
-See `keras_aim.export.saved_model`.
+See `keras_aim.export.formats` (which format from which backend) and
+`keras_aim.export.saved_model`.
 """
 
+from keras_aim.export.formats import (
+    FORMATS,
+    ExportFormat,
+    check_backend,
+    export_input_shape,
+    export_model,
+    get_format,
+)
 from keras_aim.export.saved_model import (
     export_saved_model,
     keras2_layer,
@@ -19,7 +29,13 @@ from keras_aim.export.saved_model import (
 )
 
 __all__ = [
+    "FORMATS",
+    "ExportFormat",
+    "check_backend",
+    "export_input_shape",
+    "export_model",
     "export_saved_model",
+    "get_format",
     "keras2_layer",
     "next_version",
     "predict_rest_body",

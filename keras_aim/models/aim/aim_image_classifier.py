@@ -148,6 +148,7 @@ class AIMImageClassifier(ImageClassifier):
         self.num_classes = num_classes
         self.probe_layers = indices
         self.activation = activation
+        self.head_dtype = head_dtype
 
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
@@ -166,9 +167,19 @@ class AIMImageClassifier(ImageClassifier):
                 "activation": keras.activations.serialize(
                     keras.activations.get(self.activation)
                 ),
+                "head_dtype": keras.dtype_policies.serialize(
+                    head_dtype_policy(self.probe, self.head_dtype)
+                ),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("head_dtype"), dict):
+            config["head_dtype"] = keras.dtype_policies.get(config["head_dtype"])
+        return super().from_config(config)
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
@@ -207,6 +218,25 @@ class AIMImageClassifier(ImageClassifier):
         if head is not None:
             load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
+
+
+def head_dtype_policy(head: keras.layers.Layer, policy):
+    """The dtype policy that rebuilds `head` as it is now: `policy`, or, once
+    `quantize` changed some of its layers, a `DTypePolicyMap` naming them
+    (as keras-hub's `Backbone.get_config` does for the trunk), so that a
+    quantized classifier saves and loads with its quantized head."""
+    policy = keras.dtype_policies.get(policy)
+    quantized = {
+        layer.path: layer.dtype_policy
+        for layer in head._flatten_layers()
+        if layer.quantization_mode is not None
+    }
+    if not quantized or isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy  # a map already names its quantized layers
+    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=policy)
+    for path, layer_policy in quantized.items():
+        policy_map[path] = layer_policy
+    return policy_map
 
 
 def load_released_head(
