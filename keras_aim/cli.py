@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from keras_aim.export.formats import FORMATS as EXPORT_FORMATS
 from keras_aim.utils.quiet import quiet_frameworks
 
 from keras_aim.models.aim.aim_presets import (
@@ -191,11 +192,26 @@ def _features(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from keras_aim.export import export_saved_model, resolve_version
+    import os
+
+    spec = EXPORT_FORMATS[args.format]
+    if len(spec.backends) == 1 and "KERAS_BACKEND" not in os.environ and "keras" not in sys.modules:
+        # The one backend that writes this format (else the default one).
+        os.environ["KERAS_BACKEND"] = spec.backends[0]
+    from keras_aim.export.exporters import check_target, export_model
+    from keras_aim.export.formats import check_backend
+    from keras_aim.export.saved_model import resolve_version
 
     try:  # before loading a possibly large model
-        version = resolve_version(args.out, args.version, args.overwrite)
-    except (FileExistsError, NotADirectoryError) as error:
+        if spec.name == "saved_model":
+            version = resolve_version(args.out, args.version, args.overwrite)
+        else:
+            if args.version is not None:
+                raise ValueError("--version applies to the saved_model format only.")
+            version = None
+            check_target(spec, args.out, args.overwrite)
+        check_backend(spec)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.model is not None:
@@ -212,19 +228,25 @@ def _export(args: argparse.Namespace) -> int:
         options = {"probe_layers": args.probe} if args.probe else {}
         model = AIMImageClassifier.from_preset(args.preset, **options)
     try:
-        path = export_saved_model(
+        path = export_model(
             model,
             args.out,
+            spec.name,
             version=version,
             overwrite=args.overwrite,
             top_k=args.top_k,
             image_size=args.image_size,
         )
-    except (FileExistsError, NotADirectoryError, TypeError, ValueError) as error:
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, TypeError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{path}: SavedModel with signatures serving_default, predict_images, "
-          "predict_preprocessed")
+    if spec.name == "saved_model":
+        print(f"{path}: SavedModel with signatures serving_default, predict_images, "
+              "predict_preprocessed")
+    else:
+        print(f"{path}: {spec.description}; input 'images' float32 "
+              "(batch, height, width, 3), preprocessed")
     return 0
 
 
@@ -303,20 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(handler=_features)
 
     export = commands.add_parser(
-        "export", help="write a SavedModel for TensorFlow Serving"
+        "export",
+        help="export a model: SavedModel for TF Serving, ONNX, OpenVINO, LiteRT or torch.export",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--preset", help="preset name, released-files directory or preset directory"
     )
     source.add_argument("--model", help="a .keras file (AIMImageClassifier or AIMBackbone)")
-    export.add_argument("--out", required=True, help="TF Serving model base path")
     export.add_argument(
-        "--version", type=_positive_int, default=None,
-        help="version folder (default: one more than the highest present)",
+        "--format", choices=list(EXPORT_FORMATS), default="saved_model",
+        help="saved_model (default): TF Serving folder, preprocessing inside; "
+        "onnx (.onnx), openvino (.xml + .bin), litert (.tflite; TensorFlow "
+        "backend), torch (.pt2; PyTorch backend): the model on preprocessed images",
     )
     export.add_argument(
-        "--overwrite", action="store_true", help="replace an existing version"
+        "--out", required=True,
+        help="saved_model: TF Serving model base path; other formats: the file to write",
+    )
+    export.add_argument(
+        "--version", type=_positive_int, default=None,
+        help="saved_model version folder (default: one more than the highest present)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing version or file"
     )
     export.add_argument(
         "--backbone", action="store_true",

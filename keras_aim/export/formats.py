@@ -1,7 +1,5 @@
-"""Every Keras export format, for backbones and classifiers, from one call.
-
-    export_model(classifier, "aim.onnx", format="onnx")
-    export_model(backbone, "serving/aim_trunk", format="saved_model")
+"""The export formats and the backends that write them (no Keras import:
+the command line lists them before any framework loads).
 
 | format | writes | from backends | run it with |
 |---|---|---|---|
@@ -11,46 +9,12 @@
 | `litert` | `.tflite` | TensorFlow | LiteRT (`ai_edge_litert`) |
 | `torch` | `.pt2` (`torch.export` program) | PyTorch | `torch.export.load` |
 
-`saved_model` keeps its serving signatures with the preprocessing inside
-(see `keras_aim.export.saved_model`). The other formats hold the model
-itself: one input, float32 images `(B, H, W, C)` already resized, cropped
-and normalized (`AIMImageConverter`), any batch size; one output, the
-model's own (a classifier's logits `(B, num_classes)`, a backbone's tokens
-`(B, N, D)`).
-
-Each format is written by Keras' `model.export` where that works for these
-models, else by the format's own converter from the model:
-
-- `onnx`: Keras (tf2onnx on TensorFlow, jax2onnx on JAX). On PyTorch, Keras
-  traces models with a variable batch size with TorchScript, which cannot
-  trace these models; here `torch.onnx.export`'s `torch.export`-based
-  exporter writes it, with the batch size as a symbolic dimension.
-- `openvino`: OpenVINO's converter reads the ONNX export. Keras' own
-  OpenVINO export goes through jax2tf on JAX (which emits `XlaCallModule`
-  ops OpenVINO cannot read since JAX 0.5) and through TorchScript on
-  PyTorch; the ONNX route is the same on every backend.
-- `litert`, `torch`: Keras. LiteRT from PyTorch would need the
-  `litert-torch` package, which keras_aim does not install or test.
-
-Every file is written beside its target under a hidden name and renamed in
-when complete (`keras_aim.utils.atomic_files`): a failed export leaves no
-partial file and an existing one untouched.
+The writers are in `keras_aim.export.exporters`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
-
-import keras
-
-from keras_aim.export.saved_model import (
-    check_exportable,
-    export_saved_model,
-    serving_converter,
-)
-from keras_aim.utils.atomic_files import atomic_file
 
 BACKEND_NAMES = {"jax": "JAX", "tensorflow": "TensorFlow", "torch": "PyTorch"}
 
@@ -82,58 +46,6 @@ FORMATS = {
         ExportFormat("torch", ".pt2", ("torch",), "torch.export program"),
     )
 }
-INPUT_NAME = "images"
-
-
-def export_model(
-    model: keras.Model,
-    path: str | os.PathLike,
-    format: str = "saved_model",
-    *,
-    image_size: int | None = None,
-    overwrite: bool = False,
-    version: int | None = None,
-    top_k: int = 5,
-) -> str:
-    """Exports `model` (a backbone or an image classifier) in `format`;
-    returns the path written.
-
-    Args:
-        model: an `AIMImageClassifier` or `AIMBackbone` (any keras-hub image
-            classifier or image backbone with an `image_shape`).
-        path: `saved_model`: TF Serving's model base path (the version
-            folder goes inside); other formats: the file to write, ending in
-            the format's suffix (`.onnx`, `.xml`, `.tflite`, `.pt2`).
-        format: one of `FORMATS`.
-        image_size: crop side for trunks built for any image size (default
-            224); otherwise the model's own size.
-        overwrite: replace an existing file or version (else
-            `FileExistsError`).
-        version, top_k: `saved_model` only (see `export_saved_model`).
-
-    Raises:
-        ValueError: an unknown format, a path without the format's suffix,
-            or a format the active backend cannot write (the error names
-            the backends that can).
-    """
-    spec = get_format(format)
-    check_exportable(model, top_k)
-    check_backend(spec)
-    if spec.name == "saved_model":
-        return export_saved_model(
-            model, path, version=version, overwrite=overwrite, top_k=top_k,
-            image_size=image_size,
-        )
-    path = check_target(spec, path, overwrite)
-    input_shape = export_input_shape(model, image_size)
-    writer = {
-        "onnx": write_onnx,
-        "openvino": write_openvino,
-        "litert": write_litert,
-        "torch": write_torch,
-    }[spec.name]
-    writer(model, path, input_shape)
-    return path
 
 
 def get_format(name: str) -> ExportFormat:
@@ -148,7 +60,10 @@ def get_format(name: str) -> ExportFormat:
 def check_backend(spec: ExportFormat, backend: str | None = None) -> None:
     """Raises a `ValueError` naming the backends that can write `spec`
     unless `backend` (default: the active one) is one of them."""
-    backend = backend or keras.config.backend()
+    if backend is None:
+        import keras
+
+        backend = keras.config.backend()
     if backend in spec.backends:
         return
     able = " or ".join(BACKEND_NAMES.get(b, b) for b in spec.backends)
@@ -159,114 +74,3 @@ def check_backend(spec: ExportFormat, backend: str | None = None) -> None:
         f"export with {hint} (a model saved with model.save() or "
         "save_to_preset() loads on any backend)."
     )
-
-
-def check_target(spec: ExportFormat, path: str | os.PathLike, overwrite: bool) -> str:
-    """`path` as a string, after checking its suffix and that it may be
-    (over)written."""
-    path = os.fspath(path)
-    if not path.endswith(spec.suffix):
-        raise ValueError(
-            f"The {spec.name} format writes a {spec.suffix} file; received "
-            f"path {path!r}. Name the file like 'model{spec.suffix}'."
-        )
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a folder; pass a file path ending in {spec.suffix}.")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path!r} already exists. Pass overwrite=True (keras-aim export "
-            "--overwrite) to replace it, or another path."
-        )
-    return path
-
-
-def export_input_shape(model: keras.Model, image_size: int | None = None) -> tuple:
-    """`(None, height, width, channels)`: the exported input, with a
-    variable batch size; height and width are the model's (or `image_size`
-    for trunks built for any size)."""
-    height, width = serving_converter(model, image_size).image_size
-    backbone = getattr(model, "backbone", model)
-    return (None, height, width, backbone.image_shape[-1])
-
-
-def _input_spec(input_shape) -> keras.InputSpec:
-    return keras.InputSpec(shape=input_shape, dtype="float32", name=INPUT_NAME)
-
-
-def write_onnx(model: keras.Model, path: str, input_shape: tuple) -> None:
-    """The model as an ONNX graph (opset of the exporter's choosing) with a
-    symbolic batch size, written atomically to `path`."""
-    with atomic_file(path) as staging:
-        if keras.config.backend() == "torch":
-            _write_onnx_from_torch(model, staging, input_shape)
-        else:
-            model.export(
-                staging, format="onnx", input_signature=[_input_spec(input_shape)],
-                verbose=False,
-            )
-
-
-def _write_onnx_from_torch(model, path: str, input_shape: tuple) -> None:
-    import torch
-
-    # A batch of 2: torch.export fixes dimensions of size 1 to constants.
-    example = torch.zeros((2, *input_shape[1:]), dtype=torch.float32)
-    model.eval()
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        dynamic_shapes=[({0: torch.export.Dim("batch")},)],  # forward(*args)
-        input_names=[INPUT_NAME],
-        verbose=False,
-    )
-    program.optimize()
-    program.save(path)
-
-
-def write_openvino(model: keras.Model, path: str, input_shape: tuple) -> None:
-    """OpenVINO IR (`path`, an `.xml`, and its `.bin` beside it), converted
-    by OpenVINO from the ONNX export; weights kept in float32."""
-    import openvino
-
-    bin_path = path[: -len(".xml")] + ".bin"
-    with tempfile.TemporaryDirectory(prefix="keras_aim_openvino_") as scratch:
-        onnx_path = os.path.join(scratch, "model.onnx")
-        write_onnx(model, onnx_path, input_shape)
-        converted = openvino.convert_model(onnx_path)
-        # The weights first: the .xml appears last, with its .bin complete.
-        with atomic_file(path) as staged_xml, atomic_file(bin_path) as staged_bin:
-            # serialize writes as is (save_model would halve the weights to
-            # float16).
-            openvino.serialize(converted, staged_xml, staged_bin)
-
-
-def write_litert(model: keras.Model, path: str, input_shape: tuple) -> None:
-    """A LiteRT (TFLite) flatbuffer with a variable batch size (Keras'
-    converter, float32, no optimizations)."""
-    with atomic_file(path) as staging:
-        model.export(
-            staging, format="litert", input_signature=[_input_spec(input_shape)],
-            verbose=False,
-        )
-
-
-def write_torch(model: keras.Model, path: str, input_shape: tuple) -> None:
-    """A `torch.export` program (`.pt2`) with a symbolic batch size."""
-    import torch
-
-    with atomic_file(path) as staging:
-        model.export(
-            staging, format="torch", input_signature=[_input_spec(input_shape)],
-            dynamic_shapes={0: torch.export.Dim("batch")}, verbose=False,
-        )
-
-
-__all__ = [
-    "FORMATS",
-    "ExportFormat",
-    "check_backend",
-    "export_input_shape",
-    "export_model",
-    "get_format",
-]

@@ -28,6 +28,7 @@ from keras_aim.models.aim.aim_presets import (
     preset_for_architecture,
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.models.intermediates import ClassifierIntermediates
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -82,7 +83,7 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifier(ImageClassifier):
+class AIMImageClassifier(ClassifierIntermediates, ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
 
     images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
@@ -134,14 +135,14 @@ class AIMImageClassifier(ImageClassifier):
 
         # === Functional Model ===
         inputs = backbone.input
-        features = [backbone.block_output_tensors[i] for i in indices]
-        if len(features) > 1:
-            features = keras.layers.Average(dtype=head_dtype, name="block_average")(
-                features
+        self.block_average = None
+        if len(indices) > 1:
+            self.block_average = keras.layers.Average(
+                dtype=head_dtype, name="block_average"
             )
-        else:
-            features = features[0]
-        outputs = self.probe(features)
+        outputs = self.probe(
+            self._average_blocks([backbone.block_output_tensors[i] for i in indices])
+        )
         Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
 
         # === Config ===
@@ -154,6 +155,26 @@ class AIMImageClassifier(ImageClassifier):
         if hasattr(images, "shape"):
             self.backbone.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
+
+    # --- forward_intermediates (see keras_aim.models.intermediates) -------
+
+    def _average_blocks(self, features: list):
+        return self.block_average(features) if self.block_average else features[0]
+
+    @property
+    def head_blocks(self) -> tuple[int, ...]:
+        """The blocks the probe averages."""
+        return self.probe_layers
+
+    def pre_logits(self, block_outputs: dict, training: bool = False):
+        """The probe's pooled features `(B, D)`, before its linear layer,
+        from `{block index: (B, N, D)}` of the `head_blocks`."""
+        features = self._average_blocks([block_outputs[i] for i in self.head_blocks])
+        return self.probe.pool(features, training=training)
+
+    def logits_from_pre_logits(self, pre_logits):
+        """The probe's linear layer (and activation, if any): `(B, classes)`."""
+        return self.probe.activation(self.probe.linear(pre_logits))
 
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
