@@ -13,6 +13,7 @@ from keras_aim.models.aim.aim_presets import (
     AIM_PRESETS,
     HEAD_KINDS,
     RELEASE_BASE_URL,
+    listing,
     released_filenames,
 )
 
@@ -26,10 +27,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def _info(args: argparse.Namespace) -> int:
     from keras_aim.loading.preset_cache import cache_status, keras_aim_home
 
-    rows = [("preset", "width", "depth", "heads", "trunk params", "fp32 size",
-             "IN-1k top-1 best/last", "cache")]
+    # The listing AIMBackbone.presets and AIMImageClassifier.presets return.
+    trunks, classifiers = listing("backbone"), listing("classifier")
+    rows = [("preset", "width", "depth", "heads", "image", "trunk params",
+             "classifier params", "fp32 size", "IN-1k top-1 best/last", "cache")]
     for name, entry in AIM_PRESETS.items():
         config = entry["config"]
+        trunk = trunks[name]["metadata"]
         top1 = entry.get("imagenet_top1")
         rows.append(
             (
@@ -37,14 +41,20 @@ def _info(args: argparse.Namespace) -> int:
                 str(config["hidden_dim"]),
                 str(config["num_layers"]),
                 str(config["num_heads"]),
-                f"{entry['trunk_params']:,}",
-                f"{entry['trunk_params'] * 4 / 1e9:.1f} GB",
+                "x".join(str(side) for side in trunk["image_size"]),
+                f"{trunk['params']:,}",
+                f"{classifiers[name]['metadata']['params']:,}",
+                f"{trunk['params'] * 4 / 1e9:.1f} GB",
                 f"{top1['best']} / {top1['last']}" if top1 else "-",
                 cache_status(name, released_filenames(name)),
             )
         )
     _table(rows)
-    print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
+    sources = {(m["metadata"]["source"], m["metadata"]["license"],
+                m["metadata"]["license_url"]) for m in trunks.values()}
+    for source, terms, terms_url in sorted(sources):
+        print(f"\nSource: {source}\nLicense: {terms}, {terms_url}")
+    print(f"Released checkpoints: {RELEASE_BASE_URL}")
     print(f"Cache: {keras_aim_home()} (set KERAS_AIM_HOME to move it)")
     return 0
 

@@ -27,6 +27,7 @@ from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.models.intermediates import TrunkIntermediates
 from keras_aim.training import distribution
+from keras_aim.utils.class_properties import classproperty
 from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
@@ -299,6 +300,13 @@ class AIMBackbone(TrunkIntermediates, Backbone):
         return (height // self.patch_size) * (width // self.patch_size)
 
     # --- Serialization ----------------------------------------------------
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every preset `from_preset` takes by name, in keras-hub's format:
+        `{name: {"metadata": {"description", "params", "image_size",
+        "source", "license", ...}}}` (from `aim_presets.listing`)."""
+        return aim_presets.listing("backbone")
 
     @staticmethod
     def get_layout_map(

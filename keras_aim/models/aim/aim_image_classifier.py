@@ -29,6 +29,7 @@ from keras_aim.models.aim.aim_presets import (
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.models.intermediates import ClassifierIntermediates
+from keras_aim.utils.class_properties import classproperty
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -175,6 +176,13 @@ class AIMImageClassifier(ClassifierIntermediates, ImageClassifier):
     def logits_from_pre_logits(self, pre_logits):
         """The probe's linear layer (and activation, if any): `(B, classes)`."""
         return self.probe.activation(self.probe.linear(pre_logits))
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every released classifier (trunk + released probe) in keras-hub's
+        format; the parameter counts include the probe
+        (`aim_presets.listing("classifier")`)."""
+        return aim_presets.listing("classifier")
 
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
