@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from keras_aim import layers
-from tests.conftest import PARITY_ATOL, to_numpy
+from tests.conftest import PARITY_ATOL, make_tiny_backbone, to_numpy
 
 
 def numpy_sincos(height, width, dim):
@@ -179,3 +179,19 @@ def test_prefix_attention_matches_reference(tiny_backbone, reference):
     np.testing.assert_allclose(
         got, reference["prefix_attention_block0_out"], atol=PARITY_ATOL
     )
+
+
+def test_patch_embedding_output_spec_of_numpy_images():
+    """keras-hub's precision check asks a functional model for
+    `compute_output_spec(numpy_images)`: the first layer then sees the NumPy
+    array itself (Keras read its shape as None before the fix)."""
+    layer = layers.AIMPatchEmbedding(16, 4, dtype="mixed_bfloat16")
+    spec = layer.compute_output_spec(np.zeros((2, 8, 12, 3), "float32"))
+    assert tuple(spec.shape) == (2, 2, 3, 16)
+    assert spec.dtype == "bfloat16"
+    backbone = make_tiny_backbone(dtype="mixed_bfloat16")
+    spec = backbone.compute_output_spec(np.zeros((2, 32, 32, 3), "float32"))
+    assert tuple(spec.shape) == (2, 16, 64)
+    assert spec.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="batch, height, width, channels"):
+        layer.compute_output_shape((8, 12, 3))

@@ -19,6 +19,7 @@ from keras_aim.loading.lean_loading import (
     variables_to_be_overwritten,
     zeros_while_loading,
 )
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
     AIMImageClassifierPreprocessor,
@@ -356,6 +357,8 @@ class AIMBackbone(TrunkIntermediates, Backbone):
                 return cls(**{**aim_presets.get_preset(name)["config"], **kwargs})
             preset = cached_release_preset(cls, name, kwargs.get("dtype"), release_dir)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
+        if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+            kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)
         # Loading is strict (a variable the file lacks is an error), so no

@@ -11,6 +11,7 @@ from keras_hub.models import ImageClassifier, Task
 from keras_aim.layers import AIMAttentionProbe
 from keras_aim.loading import preset_cache
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
@@ -29,6 +30,7 @@ from keras_aim.models.aim.aim_presets import (
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.models.intermediates import ClassifierIntermediates
+from keras_aim.models.quantization import QuantizeNetworkOnly
 from keras_aim.utils.class_properties import classproperty
 
 ProbeLayers = Union[str, int, Sequence[int]]
@@ -84,7 +86,7 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifier(ClassifierIntermediates, ImageClassifier):
+class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
 
     images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
@@ -225,6 +227,8 @@ class AIMImageClassifier(ClassifierIntermediates, ImageClassifier):
         name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
             limit_heap_fragmentation()  # keeps loading near 1x the weights
+            if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+                kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
         backbone_kwargs = {

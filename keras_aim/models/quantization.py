@@ -1,0 +1,44 @@
+"""`quantize` for tasks that carry a preprocessor, shared by the families.
+
+Keras' `Model.quantize` visits every layer the model tracks. A keras-hub
+task tracks its preprocessor too (on JAX and TensorFlow), and the image
+converter's resizing layer is not built until images pass through it, so
+Keras refuses: "Cannot quantize a layer that isn't yet built" (for
+`AIMImageClassifier.from_preset(...)`, which comes with its preprocessor).
+Preprocessing has no kernels to quantize; this mixin leaves it out.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class QuantizeNetworkOnly:
+    """Mix into a keras-hub `Task`: `quantize` skips the preprocessor's
+    layers, with Keras' `filters` (a regex on layer names, a list of them,
+    or a callable) still applied to the rest."""
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        preprocessor = getattr(self, "preprocessor", None)
+        if preprocessor is not None:
+            skipped = {id(layer) for layer in preprocessor._flatten_layers()}
+            filters = _network_only(filters, skipped)
+        return super().quantize(mode, config=config, filters=filters, **kwargs)
+
+
+def _network_only(filters, skipped: set):
+    """A `filters` callable: `filters` (as `Model.quantize` reads them) and
+    not one of the `skipped` layers (by id)."""
+
+    def keep(layer) -> bool:
+        if id(layer) in skipped:
+            return False
+        if filters is None:
+            return True
+        if isinstance(filters, str):
+            return bool(re.search(filters, layer.name))
+        if isinstance(filters, (list, tuple)):
+            return any(re.search(pattern, layer.name) for pattern in filters)
+        return bool(filters(layer))
+
+    return keep
