@@ -124,17 +124,18 @@ def test_a_failed_export_leaves_no_file(monkeypatch, tmp_path):
     from keras_aim.export import exporters
     from tests.model_families import AIM_V1
 
-    def fail_midway(model, path, input_shape):
-        with exporters.atomic_file(path) as staging:
-            with open(staging, "wb") as file:
+    def crash_midway(model, path, *args, **kwargs):
+        for name in (path, path + ".data"):  # the graph and its external weights
+            with open(name, "wb") as file:
                 file.write(b"half a model")
-            raise RuntimeError("converter crashed")
+        raise RuntimeError("converter crashed")
 
-    monkeypatch.setattr(exporters, "write_onnx", fail_midway)
-    target = tmp_path / "model.onnx"
-    with pytest.raises(RuntimeError, match="converter crashed"):
-        export_model(AIM_V1.backbone(), target, "onnx")
-    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(keras.Model, "export", crash_midway)  # TensorFlow, JAX
+    monkeypatch.setattr(exporters, "_write_onnx_from_torch", crash_midway)  # PyTorch
+    for target in (tmp_path / "model.onnx", tmp_path / "model.xml"):
+        with pytest.raises(RuntimeError, match="converter crashed"):
+            export_model(AIM_V1.backbone(), target, target.suffix[1:].replace("xml", "openvino"))
+        assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow

@@ -27,8 +27,9 @@ models, else by the format's own converter from the model:
   `litert-torch` package, which keras_aim does not install or test.
 
 Every file is written beside its target under a hidden name and renamed in
-when complete (`keras_aim.utils.atomic_files`): a failed export leaves no
-partial file and an existing one untouched.
+when complete, companion files (OpenVINO's `.bin`, ONNX's external
+weights) before their main file (`keras_aim.utils.atomic_files`): a failed
+export leaves no partial file and an existing one untouched.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from keras_aim.export.saved_model import (
     export_saved_model,
     serving_converter,
 )
-from keras_aim.utils.atomic_files import atomic_file
+from keras_aim.utils.atomic_files import atomic_file, atomic_file_with_companions
 
 INPUT_NAME = "images"
 
@@ -134,8 +135,9 @@ def _input_spec(input_shape) -> keras.InputSpec:
 
 def write_onnx(model: keras.Model, path: str, input_shape: tuple) -> None:
     """The model as an ONNX graph (opset of the exporter's choosing) with a
-    symbolic batch size, written atomically to `path`."""
-    with atomic_file(path) as staging:
+    symbolic batch size, written atomically to `path` (with its weights in
+    `path + ".data"` beside it when they pass ONNX's 2 GB limit)."""
+    with atomic_file_with_companions(path) as staging:
         if keras.config.backend() == "torch":
             _write_onnx_from_torch(model, staging, input_shape)
         else:
@@ -168,16 +170,13 @@ def write_openvino(model: keras.Model, path: str, input_shape: tuple) -> None:
     by OpenVINO from the ONNX export; weights kept in float32."""
     import openvino
 
-    bin_path = path[: -len(".xml")] + ".bin"
     with tempfile.TemporaryDirectory(prefix="keras_aim_openvino_") as scratch:
         onnx_path = os.path.join(scratch, "model.onnx")
         write_onnx(model, onnx_path, input_shape)
         converted = openvino.convert_model(onnx_path)
-        # The weights first: the .xml appears last, with its .bin complete.
-        with atomic_file(path) as staged_xml, atomic_file(bin_path) as staged_bin:
-            # serialize writes as is (save_model would halve the weights to
-            # float16).
-            openvino.serialize(converted, staged_xml, staged_bin)
+        # The .bin first: the .xml appears last, with its weights complete.
+        with atomic_file_with_companions(path) as staged:
+            openvino.save_model(converted, staged, compress_to_fp16=False)
 
 
 def write_litert(model: keras.Model, path: str, input_shape: tuple) -> None:
