@@ -141,10 +141,20 @@ def write_onnx(model: keras.Model, path: str, input_shape: tuple) -> None:
         if keras.config.backend() == "torch":
             _write_onnx_from_torch(model, staging, input_shape)
         else:
-            model.export(
-                staging, format="onnx", input_signature=[_input_spec(input_shape)],
-                verbose=False,
-            )
+            try:
+                model.export(
+                    staging, format="onnx", input_signature=[_input_spec(input_shape)],
+                    verbose=False,
+                )
+            except ValueError as error:
+                if "GraphDef" not in str(error):
+                    raise
+                raise ValueError(
+                    "ONNX export from the TensorFlow backend (tf2onnx) is limited "
+                    "to graphs under 2 GB, and this model's float weights pass "
+                    "that. Export it with KERAS_BACKEND=jax or KERAS_BACKEND=torch, "
+                    "which write the weights beside the graph (.onnx.data)."
+                ) from error
 
 
 def _write_onnx_from_torch(model, path: str, input_shape: tuple) -> None:
