@@ -1,4 +1,5 @@
-"""`quantize` for tasks that carry a preprocessor, shared by the families.
+"""Quantizing tasks, shared by the families: `quantize` without the
+preprocessor, and the head's dtype policy for the config.
 
 Keras' `Model.quantize` visits every layer the model tracks. A keras-hub
 task tracks its preprocessor too (on JAX and TensorFlow), and the image
@@ -11,6 +12,8 @@ Preprocessing has no kernels to quantize; this mixin leaves it out.
 from __future__ import annotations
 
 import re
+
+import keras
 
 
 class QuantizeNetworkOnly:
@@ -42,3 +45,22 @@ def _network_only(filters, skipped: set):
         return bool(filters(layer))
 
     return keep
+
+
+def head_dtype_policy(head: keras.layers.Layer, policy):
+    """The dtype policy that rebuilds `head` as it is now: `policy`, or, once
+    `quantize` changed some of its layers, a `DTypePolicyMap` naming them
+    (as keras-hub's `Backbone.get_config` does for the trunk), so that a
+    quantized classifier saves and loads with its quantized head."""
+    policy = keras.dtype_policies.get(policy)
+    quantized = {
+        layer.path: layer.dtype_policy
+        for layer in head._flatten_layers()
+        if layer.quantization_mode is not None
+    }
+    if not quantized or isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy  # a map already names its quantized layers
+    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=policy)
+    for path, layer_policy in quantized.items():
+        policy_map[path] = layer_policy
+    return policy_map

@@ -30,7 +30,7 @@ from keras_aim.models.aim.aim_presets import (
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.models.intermediates import ClassifierIntermediates
-from keras_aim.models.quantization import QuantizeNetworkOnly
+from keras_aim.models.quantization import QuantizeNetworkOnly, head_dtype_policy
 from keras_aim.utils.class_properties import classproperty
 
 ProbeLayers = Union[str, int, Sequence[int]]
@@ -251,25 +251,6 @@ class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClas
         if head is not None:
             load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
-
-
-def head_dtype_policy(head: keras.layers.Layer, policy):
-    """The dtype policy that rebuilds `head` as it is now: `policy`, or, once
-    `quantize` changed some of its layers, a `DTypePolicyMap` naming them
-    (as keras-hub's `Backbone.get_config` does for the trunk), so that a
-    quantized classifier saves and loads with its quantized head."""
-    policy = keras.dtype_policies.get(policy)
-    quantized = {
-        layer.path: layer.dtype_policy
-        for layer in head._flatten_layers()
-        if layer.quantization_mode is not None
-    }
-    if not quantized or isinstance(policy, keras.dtype_policies.DTypePolicyMap):
-        return policy  # a map already names its quantized layers
-    policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=policy)
-    for path, layer_policy in quantized.items():
-        policy_map[path] = layer_policy
-    return policy_map
 
 
 def load_released_head(
