@@ -41,9 +41,9 @@ class AIMFusedQKV(keras.layers.Dense):
     kernel, like Keras' Dense.
 
     `quantize(mode)` (what `model.quantize` calls) quantizes it like a plain
-    `Dense` (int8, int4, float8, gptq), and LoRA works on the quantized
-    kernel as on a quantized `Dense` (int8, int4): the frozen kernel stays
-    quantized, the adapters float32.
+    `Dense` (int8, int4 and float8 are tested), and LoRA works on the
+    quantized kernel as on a quantized `Dense` (int8, int4): the frozen
+    kernel stays quantized, the adapters are float32.
     """
 
     def enable_lora(
