@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from keras_aim.export.formats import FORMATS as EXPORT_FORMATS
 from keras_aim.utils.arguments import positive_int
 from keras_aim.utils.quiet import quiet_frameworks, report_error
 
@@ -14,6 +15,7 @@ from keras_aim.models.aim.aim_presets import (
     AIM_PRESETS,
     HEAD_KINDS,
     RELEASE_BASE_URL,
+    listing,
     released_filenames,
 )
 from keras_aim.models.aimv2 import aimv2_presets
@@ -31,10 +33,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def _info(args: argparse.Namespace) -> int:
     from keras_aim.loading.preset_cache import cache_status, keras_aim_home
 
-    rows = [("preset", "width", "depth", "heads", "trunk params", "fp32 size",
-             "IN-1k top-1 best/last", "cache")]
+    # The listing AIMBackbone.presets and AIMImageClassifier.presets return.
+    trunks, classifiers = listing("backbone"), listing("classifier")
+    rows = [("preset", "width", "depth", "heads", "image", "trunk params",
+             "classifier params", "fp32 size", "IN-1k top-1 best/last", "cache")]
     for name, entry in AIM_PRESETS.items():
         config = entry["config"]
+        trunk = trunks[name]["metadata"]
         top1 = entry.get("imagenet_top1")
         rows.append(
             (
@@ -42,14 +47,20 @@ def _info(args: argparse.Namespace) -> int:
                 str(config["hidden_dim"]),
                 str(config["num_layers"]),
                 str(config["num_heads"]),
-                f"{entry['trunk_params']:,}",
-                f"{entry['trunk_params'] * 4 / 1e9:.1f} GB",
+                "x".join(str(side) for side in trunk["image_size"]),
+                f"{trunk['params']:,}",
+                f"{classifiers[name]['metadata']['params']:,}",
+                f"{trunk['params'] * 4 / 1e9:.1f} GB",
                 f"{top1['best']} / {top1['last']}" if top1 else "-",
                 cache_status(name, released_filenames(name)),
             )
         )
     print("AIM-v1")
     _table(rows)
+    sources = {(m["metadata"]["source"], m["metadata"]["license"],
+                m["metadata"]["license_url"]) for m in trunks.values()}
+    for source, terms, terms_url in sorted(sources):
+        print(f"\nSource: {source}\nLicense: {terms}, {terms_url}")
     print(f"\nReleased checkpoints: {RELEASE_BASE_URL}")
     for strength, names in _checksum_strengths().items():
         print(f"Checksums of {', '.join(names)}: {strength}"
@@ -337,7 +348,15 @@ def _default_size(backbone) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from keras_aim.export import export_saved_model, resolve_version
+    import os
+
+    spec = EXPORT_FORMATS[args.format]
+    if len(spec.backends) == 1 and "KERAS_BACKEND" not in os.environ and "keras" not in sys.modules:
+        # The one backend that writes this format (else the default one).
+        os.environ["KERAS_BACKEND"] = spec.backends[0]
+    from keras_aim.export.exporters import check_target, export_model
+    from keras_aim.export.formats import check_backend
+    from keras_aim.export.saved_model import resolve_version
 
     if args.backbone and args.model is not None:
         args.parser.error("--backbone exports a preset's trunk; a --model is exported as it is")
@@ -346,7 +365,14 @@ def _export(args: argparse.Namespace) -> int:
                           + ("--backbone" if args.backbone else "--model"))
     if args.top_k is not None and args.backbone:
         args.parser.error("--top-k applies to classifiers; a trunk exports embedding and tokens")
-    version = resolve_version(args.out, args.version, args.overwrite)  # before loading
+    if spec.name == "saved_model":  # before loading a possibly large model
+        version = resolve_version(args.out, args.version, args.overwrite)
+    else:
+        if args.version is not None:
+            raise ValueError("--version applies to the saved_model format only.")
+        version = None
+        check_target(spec, args.out, args.overwrite)
+    check_backend(spec)
     if args.model is not None:
         import keras
 
@@ -366,17 +392,22 @@ def _export(args: argparse.Namespace) -> int:
 
         options = {"probe_layers": args.probe} if args.probe else {}
         model = AIMImageClassifier.from_preset(args.preset, **options)
-    path = export_saved_model(
+    path = export_model(
         model,
         args.out,
+        spec.name,
         version=version,
         overwrite=args.overwrite,
         top_k=args.top_k or 5,
         image_size=args.image_size,
     )
-    from keras_aim.export import signature_names
+    if spec.name == "saved_model":
+        from keras_aim.export import signature_names
 
-    print(f"{path}: SavedModel with signatures {', '.join(signature_names(model))}")
+        print(f"{path}: SavedModel with signatures {', '.join(signature_names(model))}")
+    else:
+        print(f"{path}: {spec.description}; input 'images' float32 "
+              "(batch, height, width, 3), preprocessed")
     return 0
 
 
@@ -479,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(handler=_features)
 
     export = commands.add_parser(
-        "export", help="write a SavedModel for TensorFlow Serving"
+        "export",
+        help="export a model: SavedModel for TF Serving, ONNX, OpenVINO, LiteRT or torch.export",
     )
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -488,13 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--model", help="a .keras file (AIMImageClassifier, AIMBackbone, AIMv2Backbone or AIMv2LiT)"
     )
-    export.add_argument("--out", required=True, help="TF Serving model base path")
     export.add_argument(
-        "--version", type=positive_int, default=None,
-        help="version folder (default: one more than the highest present)",
+        "--format", choices=list(EXPORT_FORMATS), default="saved_model",
+        help="saved_model (default): TF Serving folder, preprocessing inside; "
+        "onnx (.onnx), openvino (.xml + .bin), litert (.tflite; TensorFlow "
+        "backend), torch (.pt2; PyTorch backend): the model on preprocessed images",
     )
     export.add_argument(
-        "--overwrite", action="store_true", help="replace an existing version"
+        "--out", required=True,
+        help="saved_model: TF Serving model base path; other formats: the file to write",
+    )
+    export.add_argument(
+        "--version", type=positive_int, default=None,
+        help="saved_model version folder (default: one more than the highest present)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace an existing version or file"
     )
     export.add_argument(
         "--backbone", action="store_true",

@@ -10,6 +10,9 @@ from keras_aim import layers
 from tests.conftest import PARITY_ATOL, needs_torch_backend, to_numpy
 
 
+from tests.conftest import PARITY_ATOL, make_tiny_backbone, to_numpy
+
+
 def numpy_sincos(height, width, dim):
     """The spec's formula, written out plainly."""
     quarter = dim // 4
@@ -322,3 +325,19 @@ def test_zero_image_sizes_are_refused():
         keras_aim.AIMImageConverter(image_size=(0, 0))
     with pytest.raises(ValueError, match="positive multiple of 8; got 0"):
         keras_aim.data.digits(0)
+
+
+def test_patch_embedding_output_spec_of_numpy_images():
+    """keras-hub's precision check asks a functional model for
+    `compute_output_spec(numpy_images)`: the first layer then sees the NumPy
+    array itself (Keras read its shape as None before the fix)."""
+    layer = layers.AIMPatchEmbedding(16, 4, dtype="mixed_bfloat16")
+    spec = layer.compute_output_spec(np.zeros((2, 8, 12, 3), "float32"))
+    assert tuple(spec.shape) == (2, 2, 3, 16)
+    assert spec.dtype == "bfloat16"
+    backbone = make_tiny_backbone(dtype="mixed_bfloat16")
+    spec = backbone.compute_output_spec(np.zeros((2, 32, 32, 3), "float32"))
+    assert tuple(spec.shape) == (2, 16, 64)
+    assert spec.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="batch, height, width, channels"):
+        layer.compute_output_shape((8, 12, 3))

@@ -49,6 +49,7 @@ from typing import Iterable, Sequence
 
 import keras
 from keras import ops
+from keras_hub.models import Backbone, ImageClassifier
 
 from keras_aim.models.aim.aim_backbone import AIMBackbone
 from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
@@ -70,9 +71,6 @@ BACKBONE_OUTPUTS = ("embedding", "tokens")
 # jax2tf: one serialized module that runs on both kinds of TF Serving hosts.
 JAX_SERVING_PLATFORMS = ("cpu", "cuda")
 DEFAULT_BACKBONE_IMAGE_SIZE = 224
-
-
-EXPORTABLE = (AIMImageClassifier, AIMBackbone, AIMv2Backbone, AIMv2LiT)
 
 
 def signature_names(model) -> tuple[str, ...]:
@@ -108,7 +106,7 @@ def export_saved_model(
     TF Serving ignores) and renamed into place when complete: a failed
     export leaves existing versions untouched and no partial version behind.
     """
-    _check_exportable(model, top_k)
+    check_exportable(model, top_k, image_text=True)
     version = resolve_version(export_dir, version, overwrite)
     target = Path(export_dir) / str(version)
     with atomic_directory(str(target), replace=True) as staging:
@@ -157,13 +155,29 @@ def _refuse_existing(target: Path, overwrite: bool) -> None:
         )
 
 
-def _check_exportable(model, top_k: int) -> None:
-    if not isinstance(model, EXPORTABLE):
+def is_classifier(model) -> bool:
+    """An image classifier (AIM's, or any keras-hub `ImageClassifier`)."""
+    return isinstance(model, ImageClassifier)
+
+
+def is_image_backbone(model) -> bool:
+    """An image trunk: a keras-hub `Backbone` with an `image_shape`."""
+    return isinstance(model, Backbone) and hasattr(model, "image_shape")
+
+
+def check_exportable(model, top_k: int, image_text: bool = False) -> None:
+    """Raises unless `model` is an image classifier or image backbone (or,
+    with `image_text`, an `AIMv2LiT`) and `top_k` a positive int."""
+    if not (
+        is_classifier(model)
+        or is_image_backbone(model)
+        or (image_text and isinstance(model, AIMv2LiT))
+    ):
+        lit = " or an AIMv2LiT" if image_text else ""
         raise TypeError(
-            "export_saved_model exports an AIMImageClassifier or AIMBackbone "
-            "(AIM-v1 or AIMv2) or an AIMv2LiT; "
-            f"received {type(model).__name__}. For other Keras models use "
-            "keras.export.ExportArchive."
+            "keras_aim exports an image classifier or image backbone (e.g. "
+            f"AIMImageClassifier, AIMBackbone, AIMv2Backbone){lit}; received "
+            f"{type(model).__name__}. For other Keras models use model.export()."
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int; received {top_k!r}.")
@@ -177,7 +191,7 @@ def serving_converter(model, image_size: int | None = None) -> AIMImageConverter
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None and image_size is None:
         return preprocessor.image_converter
-    backbone = model.backbone if isinstance(model, AIMImageClassifier) else model
+    backbone = model.backbone if is_classifier(model) else model
     if isinstance(model, AIMv2LiT):
         backbone = model.vision_encoder
     height, width = backbone.image_shape[:2]
@@ -199,7 +213,7 @@ def serving_outputs(model, images, top_k: int = 5) -> dict:
     ops: runs on any backend). Classifier: logits, probabilities `(B, C)`,
     top_k_indices (int32), top_k_scores `(B, k)`; backbone: embedding
     `(B, D)`, tokens `(B, N, D)`; all float32."""
-    if isinstance(model, AIMImageClassifier):
+    if is_classifier(model):
         logits = ops.cast(model(images, training=False), "float32")
         probabilities = ops.softmax(logits, axis=-1)
         # argsort, not ops.top_k: JAX lowers top_k to a StableHLO composite

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
 
@@ -21,7 +23,7 @@ def prefix_causal_mask(prefix_lengths, num_tokens: int):
     Returns:
         `(batch, 1, N, N)` boolean mask, broadcastable over heads.
     """
-    positions = ops.arange(num_tokens, dtype="int32")
+    positions = ops.arange(0, num_tokens, dtype="int32")  # see position_embedding
     # ops.* (not operators) so that symbolic prefix lengths work too.
     causal = ops.less_equal(positions[None, :], positions[:, None])  # key <= query
     prefix = ops.cast(prefix_lengths, "int32")[:, None, None]
@@ -39,6 +41,11 @@ class AIMFusedQKV(keras.layers.Dense):
     `(2r, D)` = `[B_q; B_v]`, and the kernel becomes
     `W + alpha/r * [A_q B_q, 0, A_v B_v]`. Saving merges the update into the
     kernel, like Keras' Dense.
+
+    `quantize(mode)` (what `model.quantize` calls) quantizes it like a plain
+    `Dense` (int8, int4 and float8 are tested), and LoRA works on the
+    quantized kernel as on a quantized `Dense` (int8, int4): the frozen
+    kernel stays quantized, the adapters are float32.
     """
 
     def enable_lora(
@@ -48,20 +55,26 @@ class AIMFusedQKV(keras.layers.Dense):
             raise ValueError("Build the layer before enabling LoRA.")
         if self.lora_enabled:
             raise ValueError("LoRA is already enabled on this layer.")
-        if self.quantization_mode is not None:
-            raise NotImplementedError("LoRA on a quantized fused qkv is not supported.")
+        if self.quantization_mode in ("gptq", "awq"):
+            raise NotImplementedError(
+                f"LoRA on a {self.quantization_mode}-quantized fused qkv is not "
+                "supported (nor on a Keras Dense); quantize to int8 or int4 instead."
+            )
         dim = self.units // 3
         self._tracker.unlock()
+        # float32 adapters whatever the kernel's dtype, as Keras' Dense does.
         self.lora_kernel_a = self.add_weight(
             name="lora_kernel_a",
             shape=(self._kernel.shape[0], 2 * rank),
             initializer=keras.initializers.get(a_initializer),
+            dtype="float32",
             regularizer=self.kernel_regularizer,
         )
         self.lora_kernel_b = self.add_weight(
             name="lora_kernel_b",
             shape=(2 * rank, dim),
             initializer=keras.initializers.get(b_initializer),
+            dtype="float32",
             regularizer=self.kernel_regularizer,
         )
         self._kernel.trainable = False
@@ -70,18 +83,68 @@ class AIMFusedQKV(keras.layers.Dense):
         self.lora_rank = rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else rank
 
+    @contextlib.contextmanager
+    def _as_dense_lora(self):
+        """Shows the q/v adapters to Dense's own LoRA code as one plain pair.
+
+        Dense adds `alpha/r * A @ B` to its kernel (float), to its outputs
+        (int8, int4) and to the kernel it saves (merged and re-quantized).
+        With `B` replaced by the `(2r, 3D)` block matrix
+        `[[B_q, 0, 0], [0, 0, B_v]]`, `A @ B` is `[A_q B_q, 0, A_v B_v]`:
+        every one of Dense's paths then computes this layer's update, so
+        none of them is rewritten here. The variable is put back on exit.
+        Re-entrant (Dense's saving hook reads `kernel`).
+        """
+        if getattr(self, "_lora_view_active", False):
+            yield
+            return
+        variable = self.lora_kernel_b
+        rank, dim = self.lora_rank, self.units // 3
+        zeros = ops.zeros((rank, dim), variable.dtype)
+        b_q, b_v = variable[:rank], variable[rank:]
+        self.lora_kernel_b = ops.concatenate(
+            [
+                ops.concatenate([b_q, zeros, zeros], axis=1),
+                ops.concatenate([zeros, zeros, b_v], axis=1),
+            ],
+            axis=0,
+        )
+        self._lora_view_active = True
+        try:
+            yield
+        finally:
+            self.lora_kernel_b = variable
+            self._lora_view_active = False
+
     @property
     def kernel(self):
         if not self.lora_enabled:
             return super().kernel
-        r = self.lora_rank
-        a, b = self.lora_kernel_a, self.lora_kernel_b
-        delta_q = ops.matmul(a[:, :r], b[:r])
-        delta_v = ops.matmul(a[:, r:], b[r:])
-        delta = ops.concatenate([delta_q, ops.zeros_like(delta_q), delta_v], axis=1)
-        return ops.cast(
-            self._kernel + (self.lora_alpha / r) * delta, self.compute_dtype
-        )
+        with self._as_dense_lora():
+            return super().kernel
+
+    def quantized_call(self, *args, **kwargs):
+        if not self.lora_enabled:
+            return super().quantized_call(*args, **kwargs)
+        with self._as_dense_lora():
+            return super().quantized_call(*args, **kwargs)
+
+    def _get_kernel_with_merged_lora(self):
+        # Dense's hook for saving: the kernel with the update merged in
+        # (re-quantized for int8 and int4).
+        if not self.lora_enabled:
+            return super()._get_kernel_with_merged_lora()
+        with self._as_dense_lora():
+            return super()._get_kernel_with_merged_lora()
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the kernel like Keras' `Dense.quantize`.
+
+        Dense refuses its subclasses by default (`type_check`) because it
+        cannot know how they compute; this one computes exactly as Dense
+        does (its LoRA aside, handled by `_as_dense_lora`), so it opts in.
+        """
+        super().quantize(mode, type_check=False, config=config)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")

@@ -100,6 +100,11 @@ class AIMAttentionProbe(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=None):
+        return self.activation(self.linear(self.pool(x, training=training)))
+
+    def pool(self, x, training=None):
+        """Steps 1-2: the pooled features before `linear`, `(batch, D)`
+        (timm's `pre_logits`)."""
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
         if self.bn is not None:
@@ -111,8 +116,7 @@ class AIMAttentionProbe(keras.layers.Layer):
             ops.reshape(q, (1, 1, heads, head_dim)), (batch, 1, heads, head_dim)
         )
         pooled = ops.dot_product_attention(q, k, v)  # (B, 1, H, hd)
-        pooled = ops.reshape(pooled, (batch, self.hidden_dim))
-        return self.activation(self.linear(pooled))
+        return ops.reshape(pooled, (batch, self.hidden_dim))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes)

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
+from keras import ops
+
+
+def exact_gelu(x):
+    """`x * (1 + erf(x / sqrt(2))) / 2`, written with `erf`.
+
+    The same function as `keras.activations.gelu(x, approximate=False)`,
+    but TensorFlow computes that one with `erfc`, an op ONNX does not have:
+    a graph exported from TensorFlow to ONNX would not load.
+    """
+    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
 
 from keras_aim.utils.arguments import check_positive_ints
 
@@ -41,7 +54,7 @@ class AIMMLP(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        return self.fc2(keras.activations.gelu(self.fc1(x), approximate=False))
+        return self.fc2(exact_gelu(self.fc1(x)))
 
     def compute_output_shape(self, input_shape):
         return input_shape

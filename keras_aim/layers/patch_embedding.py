@@ -90,7 +90,25 @@ class AIMPatchEmbedding(keras.layers.Layer):
         return self.norm(self.proj(images))
 
     def compute_output_shape(self, input_shape):
-        return self.proj.compute_output_shape(input_shape)
+        """`(B, H, W, C)` -> `(B, H / p, W / p, hidden_dim)`."""
+        if input_shape is None or len(input_shape) != 4:
+            raise ValueError(
+                "AIMPatchEmbedding takes images of shape (batch, height, "
+                f"width, channels); received shape {input_shape}."
+            )
+        return self.proj.compute_output_shape(tuple(input_shape))
+
+    def compute_output_spec(self, images):
+        """The output's `KerasTensor` for `images` of any kind with a shape.
+
+        Keras derives the spec from `compute_output_shape` only for backend
+        tensors and `KerasTensor`s; a functional model's
+        `compute_output_spec(numpy_images)` hands this first layer the NumPy
+        array itself, whose shape Keras would then read as `None`.
+        """
+        return keras.KerasTensor(
+            self.compute_output_shape(tuple(images.shape)), dtype=self.compute_dtype
+        )
 
     def get_config(self):
         config = super().get_config()

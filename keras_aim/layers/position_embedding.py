@@ -27,16 +27,18 @@ def sincos_2d_position_embedding(height, width, dim: int, dtype="float32"):
             f"received dim={dim}. Use a hidden_dim that is a multiple of 4."
         )
     quarter = dim // 4
+    # `arange(0, n)`, never `arange(n)`: jax2onnx (ONNX export on JAX)
+    # cannot convert the one-argument form.
     omega = 1.0 / ops.power(
-        10000.0, ops.arange(quarter, dtype="float32") / float(quarter)
+        10000.0, ops.arange(0, quarter, dtype="float32") / float(quarter)
     )
 
     def encode(positions):  # (n,) -> (n, dim / 2)
         angles = ops.cast(positions, "float32")[:, None] * omega[None, :]
         return ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)
 
-    col = encode(ops.arange(width))  # (w, dim/2)
-    row = encode(ops.arange(height))  # (h, dim/2)
+    col = encode(ops.arange(0, width))  # (w, dim/2)
+    row = encode(ops.arange(0, height))  # (h, dim/2)
     col = ops.broadcast_to(col[None, :, :], (height, width, dim // 2))
     row = ops.broadcast_to(row[:, None, :], (height, width, dim // 2))
     return ops.cast(ops.concatenate([col, row], axis=-1), dtype)

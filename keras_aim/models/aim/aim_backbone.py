@@ -19,20 +19,23 @@ from keras_aim.loading.lean_loading import (
     variables_to_be_overwritten,
     zeros_while_loading,
 )
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
     AIMImageClassifierPreprocessor,
 )
 from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.models.intermediates import TrunkIntermediates
 from keras_aim.training import distribution
 from keras_aim.utils import image_inputs
 from keras_aim.utils.arguments import check_positive_ints
+from keras_aim.utils.class_properties import classproperty
 from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMBackbone(Backbone):
+class AIMBackbone(TrunkIntermediates, Backbone):
     """The AIM-v1 trunk: a ViT without class token.
 
     Inputs are ImageNet-normalized float images (`AIMImageConverter` makes
@@ -45,8 +48,11 @@ class AIMBackbone(Backbone):
     `post_trunk_norm` -> `(B, N, D)`.
 
     Calling the backbone returns the post_trunk_norm tokens. Use
-    `block_outputs()` for the outputs of individual blocks (before the final
-    norm), and `encode()` to run the trunk with an attention mask.
+    `forward_intermediates()` (timm's feature API) for the outputs of
+    individual blocks as tokens or a `(B, h, w, D)` grid, with or without
+    the final norm, and the embedding (the first block's input);
+    `block_outputs()` is its short form. `encode()` runs the trunk with an
+    attention mask.
 
     Args:
         image_shape: `(height, width, channels)`; height and width may be
@@ -68,6 +74,8 @@ class AIMBackbone(Backbone):
     backbone = keras_aim.AIMBackbone.from_preset("aim_600m", load_weights=False)
     tokens = backbone(images)                          # (B, 256, 1536)
     blocks = backbone.block_outputs(images, [22, 23])  # 2 x (B, 256, 1536)
+    grids = backbone.forward_intermediates(images, 4, output_fmt="NHWC")
+    grids["intermediates"]                             # 4 x (B, 16, 16, 1536)
     ```
     """
 
@@ -137,24 +145,34 @@ class AIMBackbone(Backbone):
 
     # --- Running the trunk -------------------------------------------------
 
-    def _run_trunk(self, images, attention_mask, block_indices, final_norm):
-        wanted = sorted(set(block_indices))
-        last = wanted[-1] if wanted else -1
-        if final_norm:
-            last = self.num_layers - 1
+    def trunk_intermediates(self, images, last_block: int, attention_mask=None):
+        """`(embedding, outputs)`: the input of the first block (patch
+        embedding + position embedding) `(B, N, D)` and the outputs of
+        blocks `0..last_block` (a list of `(B, N, D)`); no later block runs."""
         if self.remat and attention_mask is not None:
             # TensorFlow's remat (recompute_grad) differentiates every input
             # and takes none by keyword: the mask goes positionally, as 0/1
             # floats (the attention casts it back).
             attention_mask = keras.ops.cast(attention_mask, "float32")
         x = self.position_embedding(self.patch_embedding(images))
-        x = self.flatten_grid(x)
-        outputs = {}
-        for i in range(last + 1):
+        embedding = x = self.flatten_grid(x)
+        outputs = []
+        for i in range(last_block + 1):
             x = self.blocks[i](x, attention_mask)
-            outputs[i] = x
+            outputs.append(x)
+        return embedding, outputs
+
+    def final_norm(self, tokens):
+        """`post_trunk_norm`: the norm after the last block."""
+        return self.post_trunk_norm(tokens)
+
+    def _run_trunk(self, images, attention_mask, block_indices, final_norm):
+        last = max(block_indices, default=-1)
+        if final_norm:
+            last = self.num_layers - 1
+        _, outputs = self.trunk_intermediates(images, last, attention_mask)
         picked = [outputs[i] for i in block_indices]
-        return (self.post_trunk_norm(x) if final_norm else None), picked
+        return (self.post_trunk_norm(outputs[-1]) if final_norm else None), picked
 
     def default_lora_layer_names(self) -> list[str]:
         """LoRA targets of `enable_lora(rank)`, as in Apple's release: the
@@ -297,6 +315,13 @@ class AIMBackbone(Backbone):
 
     # --- Serialization ----------------------------------------------------
 
+    @classproperty
+    def presets(cls) -> dict:
+        """Every preset `from_preset` takes by name, in keras-hub's format:
+        `{name: {"metadata": {"description", "params", "image_size",
+        "source", "license", ...}}}` (from `aim_presets.listing`)."""
+        return aim_presets.listing("backbone")
+
     @staticmethod
     def get_layout_map(
         device_mesh,
@@ -347,6 +372,8 @@ class AIMBackbone(Backbone):
         if preset_folder.is_local_path(preset):
             preset_folder.check_preset_folder(preset, load_weights)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
+        if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+            kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)
         # Loading is strict (a variable the file lacks is an error), so no

@@ -11,6 +11,7 @@ from keras_hub.models import ImageClassifier, Task
 from keras_aim.layers import AIMAttentionProbe
 from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
@@ -29,7 +30,10 @@ from keras_aim.models.aim.aim_presets import (
     preset_for_architecture,
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.models.intermediates import ClassifierIntermediates
+from keras_aim.models.quantization import QuantizeNetworkOnly, head_dtype_policy
 from keras_aim.utils import image_inputs
+from keras_aim.utils.class_properties import classproperty
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -84,7 +88,7 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifier(ImageClassifier):
+class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
 
     Calling the classifier takes ImageNet-normalized float images of the
@@ -141,20 +145,21 @@ class AIMImageClassifier(ImageClassifier):
 
         # === Functional Model ===
         inputs = backbone.input
-        features = [backbone.block_output_tensors[i] for i in indices]
-        if len(features) > 1:
-            features = keras.layers.Average(dtype=head_dtype, name="block_average")(
-                features
+        self.block_average = None
+        if len(indices) > 1:
+            self.block_average = keras.layers.Average(
+                dtype=head_dtype, name="block_average"
             )
-        else:
-            features = features[0]
-        outputs = self.probe(features)
+        outputs = self.probe(
+            self._average_blocks([backbone.block_output_tensors[i] for i in indices])
+        )
         Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
 
         # === Config ===
         self.num_classes = num_classes
         self.probe_layers = indices
         self.activation = activation
+        self.head_dtype = head_dtype
 
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
@@ -172,6 +177,33 @@ class AIMImageClassifier(ImageClassifier):
             *args, **kwargs,
         )
 
+    # --- forward_intermediates (see keras_aim.models.intermediates) -------
+
+    def _average_blocks(self, features: list):
+        return self.block_average(features) if self.block_average else features[0]
+
+    @property
+    def head_blocks(self) -> tuple[int, ...]:
+        """The blocks the probe averages."""
+        return self.probe_layers
+
+    def pre_logits(self, block_outputs: dict, training: bool = False):
+        """The probe's pooled features `(B, D)`, before its linear layer,
+        from `{block index: (B, N, D)}` of the `head_blocks`."""
+        features = self._average_blocks([block_outputs[i] for i in self.head_blocks])
+        return self.probe.pool(features, training=training)
+
+    def logits_from_pre_logits(self, pre_logits):
+        """The probe's linear layer (and activation, if any): `(B, classes)`."""
+        return self.probe.activation(self.probe.linear(pre_logits))
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every released classifier (trunk + released probe) in keras-hub's
+        format; the parameter counts include the probe
+        (`aim_presets.listing("classifier")`)."""
+        return aim_presets.listing("classifier")
+
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
 
@@ -184,9 +216,19 @@ class AIMImageClassifier(ImageClassifier):
                 "activation": keras.activations.serialize(
                     keras.activations.get(self.activation)
                 ),
+                "head_dtype": keras.dtype_policies.serialize(
+                    head_dtype_policy(self.probe, self.head_dtype)
+                ),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("head_dtype"), dict):
+            config["head_dtype"] = keras.dtype_policies.get(config["head_dtype"])
+        return super().from_config(config)
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
@@ -205,6 +247,8 @@ class AIMImageClassifier(ImageClassifier):
             if preset_folder.is_local_path(preset):
                 _check_classifier_folder(preset, load_weights, kwargs)
             limit_heap_fragmentation()  # keeps loading near 1x the weights
+            if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+                kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
         backbone_kwargs = {
