@@ -156,7 +156,7 @@ def test_every_command_error_is_one_line_with_exit_code_1(tmp_path, capsys, monk
     assert "Traceback" in capsys.readouterr().err
     assert cli.main(["features", "a.jpg", "--out", str(tmp_path / "f.npz"),
                      "--preset", "aim_60m"]) == 1
-    assert capsys.readouterr().err.startswith("error: Unknown AIM preset 'aim_60m'.")
+    assert capsys.readouterr().err.startswith("error: Unknown preset 'aim_60m'.")
 
 
 @pytest.mark.parametrize(
