@@ -7,6 +7,8 @@ default. It answers whether a compiler setting closes the gap of the JAX
 pre-training step (see the README's Performance section).
 
     python benchmarks/xla_cpu_flags.py [--repeats N] [--markdown-out F] [size flags of throughput.py]
+    python benchmarks/xla_cpu_flags.py --config aim_600m --batch-size 4 --modes inference \\
+        --dtype bfloat16             # one dtype policy per sweep
 
 A measurement, not a test. Flags this jaxlib does not know fail their row.
 The fraction is of the machine's float32 matmul rate as `throughput.py` measures it.
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     lines = []
     for flags, meaning, processes, error in measured:
         # The fastest process per mode, as in throughput.py's table.
-        rows = throughput.table_rows({("keras-jax", "float32"): processes}, case, rates)
+        rows = throughput.table_rows({("keras-jax", case["dtypes"][0]): processes}, case, rates)
         fraction = {row["mode"]: row["of_matmul"] for row in rows}
         cells = [f"`{flags}`" if flags else "(none)", meaning]
         cells += [f"{100 * fraction[mode]:.0f}%" if mode in fraction else
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(cells) + " |" for cells in lines]
     machine = throughput.machine_rate(rates)
-    note = (f"keras-jax, fastest of {known.repeats} process(es) per row; machine float32 "
+    note = (f"keras-jax, {case['label']}, {case['dtypes'][0]}, fastest of {known.repeats} "
+            f"process(es) per row; machine float32 "
             f"matmul rate (fastest of JAX and PyTorch, 2048^3) {machine / 1e9:.1f} GFLOP/s; "
             f"{throughput.describe_cpu()}; {throughput._versions()}")
     print("\n" + note + "\n" + "\n".join(table))
