@@ -7,17 +7,23 @@ import math
 import keras
 from keras import ops
 
+from keras_aim.utils.arguments import check_positive_ints
+
 
 def exact_gelu(x):
-    """`x * (1 + erf(x / sqrt(2))) / 2`, written with `erf`.
+    """`x * (1 + erf(x / sqrt(2))) / 2`: the exact (not tanh) GELU.
 
-    The same function as `keras.activations.gelu(x, approximate=False)`,
-    but TensorFlow computes that one with `erfc`, an op ONNX does not have:
-    a graph exported from TensorFlow to ONNX would not load.
+    On TensorFlow it is written with `erf`: `keras.activations.gelu` computes
+    it there with `erfc`, an op ONNX does not have, so a graph exported from
+    TensorFlow to ONNX would not load. Elsewhere it is
+    `keras.activations.gelu(x, approximate=False)`: JAX lowers `lax.erf` to a
+    StableHLO composite that TensorFlow's `XlaCallModule` (the SavedModel
+    export from JAX) cannot deserialize, while JAX's own GELU uses `erfc`.
+    Both are the same function to float32 rounding.
     """
-    return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
-
-from keras_aim.utils.arguments import check_positive_ints
+    if keras.backend.backend() == "tensorflow":
+        return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
+    return keras.activations.gelu(x, approximate=False)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
