@@ -45,6 +45,7 @@ from keras_aim.export.saved_model import (
     export_saved_model,
     serving_converter,
 )
+from keras_aim.layers.mlp import gelu_written_with_erf
 from keras_aim.utils.atomic_files import atomic_file, atomic_file_with_companions
 
 INPUT_NAME = "images"
@@ -143,10 +144,11 @@ def write_onnx(model: keras.Model, path: str, input_shape: tuple) -> None:
             _write_onnx_from_torch(model, staging, input_shape)
         else:
             try:
-                model.export(
-                    staging, format="onnx", input_signature=[_input_spec(input_shape)],
-                    verbose=False,
-                )
+                with gelu_written_with_erf():  # see exact_gelu
+                    model.export(
+                        staging, format="onnx", input_signature=[_input_spec(input_shape)],
+                        verbose=False,
+                    )
             except ValueError as error:
                 if "GraphDef" not in str(error):
                     raise

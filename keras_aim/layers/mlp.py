@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
@@ -10,20 +11,36 @@ from keras import ops
 from keras_aim.utils.arguments import check_positive_ints
 
 
+_GELU_WITH_ERF = False  # set by `gelu_written_with_erf` while exporting
+
+
 def exact_gelu(x):
     """`x * (1 + erf(x / sqrt(2))) / 2`: the exact (not tanh) GELU.
 
-    On TensorFlow it is written with `erf`: `keras.activations.gelu` computes
-    it there with `erfc`, an op ONNX does not have, so a graph exported from
-    TensorFlow to ONNX would not load. Elsewhere it is
-    `keras.activations.gelu(x, approximate=False)`: JAX lowers `lax.erf` to a
-    StableHLO composite that TensorFlow's `XlaCallModule` (the SavedModel
-    export from JAX) cannot deserialize, while JAX's own GELU uses `erfc`.
-    Both are the same function to float32 rounding.
+    Written as `keras.activations.gelu(x, approximate=False)`, except on
+    TensorFlow, and inside `gelu_written_with_erf()`, where it is written
+    with `erf`. The two forms are the same function to float32 rounding; the
+    choice is about what exporters can read: TensorFlow's GELU uses `erfc`,
+    which ONNX lacks; JAX's `lax.erf` lowers to a StableHLO composite that
+    the SavedModel's `XlaCallModule` cannot deserialize (so JAX keeps its own
+    GELU, written with `erfc`), while the ONNX converter of JAX programs
+    reads `lax.erf` but not JAX's GELU.
     """
-    if keras.backend.backend() == "tensorflow":
+    if _GELU_WITH_ERF or keras.backend.backend() == "tensorflow":
         return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))
     return keras.activations.gelu(x, approximate=False)
+
+
+@contextlib.contextmanager
+def gelu_written_with_erf():
+    """Within this context `exact_gelu` is written with `erf` on every
+    backend (for tracing a model into ONNX from JAX)."""
+    global _GELU_WITH_ERF
+    previous, _GELU_WITH_ERF = _GELU_WITH_ERF, True
+    try:
+        yield
+    finally:
+        _GELU_WITH_ERF = previous
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
