@@ -387,7 +387,7 @@ def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch)
 
 
 def test_bad_arguments_are_named(exports, tmp_path):
-    with pytest.raises(TypeError, match="AIMImageClassifier or AIMBackbone.*ExportArchive"):
+    with pytest.raises(TypeError, match="image classifier or image backbone.*received Sequential.*model.export"):
         aim_export.export_saved_model(keras.Sequential([keras.layers.Dense(2)]), tmp_path)
     with pytest.raises(ValueError, match="version must be a positive int"):
         aim_export.export_saved_model(exports["backbone"], tmp_path, version=0)
