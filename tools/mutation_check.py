@@ -357,7 +357,8 @@ def main(argv=None) -> int:
     survivors = [r["name"] for r in rows if not r["result"].startswith("killed")]
     if args.markdown:
         command = "python tools/mutation_check.py" + (
-            f" --only {' '.join(args.only)}" if args.only else "")
+            f" --only {' '.join(args.only)}" if args.only else "") + (
+            " --no-baseline" if args.no_baseline else "")
         print("\n" + markdown_table(rows, command))
     print(f"\n{len(rows)} mutations: {len(rows) - len(survivors)} killed, "
           f"{len(survivors)} survived" + (f" ({', '.join(survivors)})" if survivors else ""))
