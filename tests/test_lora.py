@@ -38,6 +38,22 @@ def test_adapters_start_as_identity_and_touch_only_q_and_v(tiny_backbone, refere
     assert not np.allclose(to_numpy(tiny_backbone(images)), before, atol=1e-4)
 
 
+@pytest.mark.parametrize("alpha", [None, 4.0])
+def test_adapted_kernel_is_w_plus_scaled_q_and_v_products(tiny_backbone, alpha):
+    # W + alpha/r * [A_q B_q, 0, A_v B_v] (alpha defaults to r), in NumPy.
+    qkv = tiny_backbone.blocks[0].attn.qkv
+    base = to_numpy(qkv._kernel).copy()
+    rank = 8
+    qkv.enable_lora(rank, lora_alpha=alpha)
+    randomize_adapters(tiny_backbone)
+    a, b = to_numpy(qkv.lora_kernel_a), to_numpy(qkv.lora_kernel_b)
+    scale = (alpha if alpha is not None else rank) / rank
+    expected = base.copy()
+    expected[:, :64] += scale * a[:, :rank] @ b[:rank]
+    expected[:, 128:] += scale * a[:, rank:] @ b[rank:]
+    np.testing.assert_allclose(to_numpy(qkv.kernel), expected, atol=1e-6)
+
+
 def test_merged_weights_give_the_same_outputs(tiny_backbone, reference):
     tiny_backbone.enable_lora(8)
     randomize_adapters(tiny_backbone)

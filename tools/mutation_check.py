@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,9 @@ MUTATIONS = (
              "k, q, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]",
              _k("tests/test_layers.py", "manual_multihead")),
     Mutation("gelu_tanh_approximation", "layers", "keras_aim/layers/mlp.py",
-             "approximate=False", "approximate=True",
-             _k("tests/test_backbone.py", "final_tokens_match_reference")),
+             "return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))",
+             "return keras.activations.gelu(x, approximate=True)",
+             _k("tests/test_layers.py", "exact_gelu")),
     Mutation("sincos_halves_swapped", "layers", "keras_aim/layers/position_embedding.py",
              "ops.concatenate([ops.sin(angles), ops.cos(angles)], axis=-1)",
              "ops.concatenate([ops.cos(angles), ops.sin(angles)], axis=-1)",
@@ -81,9 +83,13 @@ MUTATIONS = (
     Mutation("probe_batchnorm_always_inference", "layers", "keras_aim/layers/attention_probe.py",
              "x = self.bn(x, training=training)", "x = self.bn(x, training=False)",
              _k("tests/test_layers.py", "batchnorm_modes")),
-    Mutation("lora_scale_halved", "layers", "keras_aim/layers/attention.py",
-             "self._kernel + (self.lora_alpha / r) * delta",
-             "self._kernel + (self.lora_alpha / (2 * r)) * delta",
+    Mutation("lora_default_scale_doubled", "layers", "keras_aim/layers/attention.py",
+             "self.lora_alpha = lora_alpha if lora_alpha is not None else rank",
+             "self.lora_alpha = lora_alpha if lora_alpha is not None else 2 * rank",
+             ("tests/test_lora.py",)),
+    Mutation("lora_q_and_v_adapters_swapped", "layers", "keras_aim/layers/attention.py",
+             "b_q, b_v = variable[:rank], variable[rank:]",
+             "b_v, b_q = variable[:rank], variable[rank:]",
              ("tests/test_lora.py",)),
     # --- losses and optimizers ------------------------------------------------
     Mutation("prefix_targets_counted", "losses", "keras_aim/training/losses.py",
@@ -198,16 +204,21 @@ def make_scratch_copy(root: str) -> str:
 
 
 def check_mutations(root: str, mutations) -> dict[str, int]:
-    """The line number of each mutation; exits if one no longer applies."""
-    lines = {}
+    """The line number of each mutation; exits, naming every mutation that
+    no longer applies, if any does not."""
+    lines, stale = {}, []
     for mutation in mutations:
         with open(os.path.join(root, mutation.path)) as handle:
             text = handle.read()
         count = text.count(mutation.old)
         if count != 1:
-            sys.exit(f"mutation {mutation.name}: {mutation.old!r} occurs {count} times in "
-                     f"{mutation.path}, not once; update tools/mutation_check.py.")
-        lines[mutation.name] = text[: text.index(mutation.old)].count("\n") + 1
+            stale.append(f"  {mutation.name}: {mutation.old!r} occurs {count} times in "
+                         f"{mutation.path}, not once")
+        else:
+            lines[mutation.name] = text[: text.index(mutation.old)].count("\n") + 1
+    if stale:
+        sys.exit("Mutations that no longer apply (update tools/mutation_check.py):\n"
+                 + "\n".join(stale))
     return lines
 
 
@@ -225,6 +236,23 @@ def run_tests(scratch: str, tests, backend: str) -> tuple[int, float, str]:
     except subprocess.TimeoutExpired:
         code, output = -1, "timeout"
     return code, time.perf_counter() - start, output[-2000:]
+
+
+def _ran_tests(output: str) -> bool:
+    """Whether pytest's summary line counts at least one passed test."""
+    return re.search(r"\b[1-9][0-9]* passed", output) is not None
+
+
+def outcome(code: int, output: str) -> str:
+    """The verdict on a mutation from the exit code of its tests."""
+    if code == 0:
+        return "SURVIVED" if _ran_tests(output) else "NO TESTS"
+    return {
+        1: "killed",  # a test failed
+        -1: "killed (timeout)",
+        2: "killed (collection error)",
+        5: "NO TESTS",  # every test deselected
+    }.get(code, f"ERROR (pytest exit {code})")
 
 
 def run_baseline(scratch: str, mutations) -> None:
@@ -247,6 +275,9 @@ def run_baseline(scratch: str, mutations) -> None:
                   flush=True)
             if code != 0:
                 sys.exit(f"The unmutated tests fail; fix them first:\n{output}")
+            if not _ran_tests(output):
+                sys.exit(f"The unmutated tests were all skipped or deselected on {backend}; "
+                         f"aim the mutations at tests that run there:\n{output}")
 
 
 def apply(scratch: str, mutation: Mutation) -> str:
@@ -315,7 +346,7 @@ def main(argv=None) -> int:
             finally:
                 with open(os.path.join(scratch, mutation.path), "w") as handle:
                     handle.write(original)
-            result = {0: "SURVIVED", -1: "killed (timeout)", 5: "NO TESTS"}.get(code, "killed")
+            result = outcome(code, output)
             rows.append({"name": mutation.name, "area": mutation.area,
                          "where": f"{mutation.path}:{lines[mutation.name]}",
                          "tests": mutation.tests, "backend": mutation.backend,
@@ -323,10 +354,11 @@ def main(argv=None) -> int:
             print(f"{mutation.name:36} {result:18} {seconds:5.0f} s", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    survivors = [r["name"] for r in rows if r["result"] in ("SURVIVED", "NO TESTS")]
+    survivors = [r["name"] for r in rows if not r["result"].startswith("killed")]
     if args.markdown:
         command = "python tools/mutation_check.py" + (
-            f" --only {' '.join(args.only)}" if args.only else "")
+            f" --only {' '.join(args.only)}" if args.only else "") + (
+            " --no-baseline" if args.no_baseline else "")
         print("\n" + markdown_table(rows, command))
     print(f"\n{len(rows)} mutations: {len(rows) - len(survivors)} killed, "
           f"{len(survivors)} survived" + (f" ({', '.join(survivors)})" if survivors else ""))
