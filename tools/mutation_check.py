@@ -70,7 +70,7 @@ MUTATIONS = (
              "k, q, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]",
              _k("tests/test_layers.py", "manual_multihead")),
     Mutation("gelu_tanh_approximation", "layers", "keras_aim/layers/mlp.py",
-             "return 0.5 * x * (1.0 + ops.erf(x * (1.0 / math.sqrt(2.0))))",
+             "return keras.activations.gelu(x, approximate=False)",
              "return keras.activations.gelu(x, approximate=True)",
              _k("tests/test_layers.py", "exact_gelu")),
     Mutation("sincos_halves_swapped", "layers", "keras_aim/layers/position_embedding.py",
