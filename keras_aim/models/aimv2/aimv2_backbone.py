@@ -27,12 +27,13 @@ from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
 )
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.convert_aimv2 import check_release_file, load_aimv2_weights
+from keras_aim.models.intermediates import TrunkIntermediates
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMv2Backbone(Backbone):
+class AIMv2Backbone(TrunkIntermediates, Backbone):
     """The AIMv2 vision encoder: a ViT without class token.
 
     images `(B, H, W, C)` -> patch conv (with bias) + RMSNorm
@@ -42,9 +43,11 @@ class AIMv2Backbone(Backbone):
     -> `post_trunk_norm` (RMSNorm) -> `(B, N, D)`.
 
     The feature API is AIM-v1's (`AIMBackbone`): a call returns the
-    post_trunk_norm tokens, `block_outputs()` the outputs of blocks (before
-    the final norm, Apple's `output_features`), `extract_features()` tokens
-    or their mean, from the final norm or averaged blocks.
+    post_trunk_norm tokens, `forward_intermediates()` (timm's feature API,
+    `keras_aim.models.intermediates`) block outputs as tokens or a grid,
+    `block_outputs()` the outputs of blocks (before the final norm, Apple's
+    `output_features`), `extract_features()` tokens or their mean, from the
+    final norm or averaged blocks.
 
     Image sizes: with `position_embedding="sincos"` (the native-resolution
     model) any multiple of `patch_size` works. A learned table covers one
@@ -161,6 +164,8 @@ class AIMv2Backbone(Backbone):
     # The trunk runs and the feature API are AIM-v1's, word for word: they
     # use only the attributes both backbones share (patch_embedding,
     # position_embedding, flatten_grid, blocks, post_trunk_norm, config).
+    trunk_intermediates = AIMBackbone.trunk_intermediates
+    final_norm = AIMBackbone.final_norm
     _run_trunk = AIMBackbone._run_trunk
     default_lora_layer_names = AIMBackbone.default_lora_layer_names
     normalize_block_indices = AIMBackbone.normalize_block_indices
