@@ -20,6 +20,7 @@ from keras_aim.loading.lean_loading import (
     variables_to_be_overwritten,
     zeros_while_loading,
 )
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim.aim_backbone import AIMBackbone, _check_config
 from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
@@ -269,8 +270,11 @@ def evaluation_preprocessor(name: str) -> AIMv2ImageClassifierPreprocessor:
 
 def keras_hub_preset(from_preset, preset, load_weights: bool, **kwargs):
     """keras-hub's `from_preset` (the bound base method) for preset
-    directories and handles, loading lean (see `loading.lean_loading`)."""
+    directories and handles, loading lean (see `loading.lean_loading`), with
+    a quantized preset's saved dtype policies (see `loading.preset_dtype`)."""
     limit_heap_fragmentation()
+    if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+        kwargs["dtype"] = saved_policy_map(preset)
     if not load_weights:
         return from_preset(preset, load_weights=False, **kwargs)
     with variables_to_be_overwritten():  # the strict load fills every one
