@@ -69,6 +69,9 @@ def _info(args: argparse.Namespace) -> int:
     print()
     print("AIMv2 (Apple's model.safetensors at the pinned Hub revision)")
     _table(_aimv2_rows())
+    licenses = sorted({m["metadata"]["license"] for m in aimv2_presets.listing("vision").values()})
+    print(f"Source: https://huggingface.co/apple/<repo>; License: {', '.join(licenses)} "
+          "(each Hub model card)")
     print(
         "Released checkpoints: https://huggingface.co/apple/<repo>/resolve/<revision>/; "
         "their SHA-256 digests are not yet recorded, so a download is checked "
@@ -92,10 +95,13 @@ def _checksum_strengths() -> dict[str, list[str]]:
 def _aimv2_rows() -> list[tuple[str, ...]]:
     from keras_aim.loading.preset_cache import cache_status
 
+    # The listing AIMv2Backbone.presets and AIMv2LiT.presets return.
+    listed = {**aimv2_presets.listing("vision"), **aimv2_presets.listing("lit")}
     rows = [("preset", "size", "resolution", "params", "fp32 size",
              "IN-1k top-1", "revision", "SHA-256", "cache")]
     for name, entry in AIMV2_PRESETS.items():
-        size = entry["image_size"]
+        metadata = listed[name]["metadata"]
+        size = metadata["image_size"][0]
         if entry["kind"] == "lit":
             reported = f"{entry['zero_shot_top1']} zero-shot"
         elif entry["imagenet_top1"] is not None:
@@ -107,8 +113,8 @@ def _aimv2_rows() -> list[tuple[str, ...]]:
                 name,
                 entry["size"],
                 f"{size}x{size}" if size else "native",
-                f"{entry['params']:,}",
-                f"{entry['params'] * 4 / 1e9:.1f} GB",
+                f"{metadata['params']:,}",
+                f"{metadata['params'] * 4 / 1e9:.1f} GB",
                 reported,
                 entry["revision"][:10],
                 entry["sha256"][:8] if entry["sha256"] else "not yet recorded",

@@ -164,3 +164,28 @@ def test_presets_are_listed_the_keras_hub_way(monkeypatch):
         classifier.backbone.count_params() + classifier.probe.count_params()
     )
     assert listed[keras_aim.AIMBackbone]["image_size"] == (32, 32)
+
+
+def test_aimv2_presets_are_listed_the_keras_hub_way():
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    table = aimv2_presets.AIMV2_PRESETS
+    vision = keras_aim.AIMv2Backbone.presets
+    lit = keras_aim.AIMv2LiT.presets
+    assert sorted(vision) == sorted(n for n, e in table.items() if e["kind"] == "vision")
+    assert list(lit) == ["aimv2_large_patch14_224_lit"]
+    # No released heads: no preset is a whole AIMv2 classifier.
+    assert keras_aim.AIMv2ImageClassifier.presets == {}
+    for name, preset in {**vision, **lit}.items():
+        metadata = preset["metadata"]
+        assert {"description", "params", "image_size", "source", "license"} <= set(metadata)
+        assert metadata["params"] == aimv2_presets.parameter_count(table[name])
+        assert metadata["source"] == f"https://huggingface.co/apple/{table[name]['model_id']}"
+        assert metadata["license"] == "apple-amlr"
+        size = table[name]["image_size"]
+        assert metadata["image_size"] == (size, size)
+    assert vision["aimv2_large_patch14_native"]["metadata"]["image_size"] == (None, None)
+    assert "distilled from aimv2_3b_patch14_224" in (
+        vision["aimv2_large_patch14_224_distilled"]["metadata"]["description"]
+    )
+    assert "zero-shot" in lit["aimv2_large_patch14_224_lit"]["metadata"]["description"]

@@ -29,6 +29,7 @@ from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.convert_aimv2 import check_release_file, load_aimv2_weights
 from keras_aim.models.intermediates import TrunkIntermediates
+from keras_aim.utils.class_properties import classproperty
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 
@@ -196,6 +197,12 @@ class AIMv2Backbone(TrunkIntermediates, Backbone):
         if hasattr(images, "shape"):
             self.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every released vision encoder `from_preset` takes by name, in
+        keras-hub's format (`aimv2_presets.listing("vision")`)."""
+        return aimv2_presets.listing("vision")
 
     def get_config(self):
         config = super().get_config()
