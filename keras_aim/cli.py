@@ -360,7 +360,7 @@ def _export(args: argparse.Namespace) -> int:
     if len(spec.backends) == 1 and "KERAS_BACKEND" not in os.environ and "keras" not in sys.modules:
         # The one backend that writes this format (else the default one).
         os.environ["KERAS_BACKEND"] = spec.backends[0]
-    from keras_aim.export.exporters import check_target, export_model
+    from keras_aim.export.exporters import check_target, export_model, lit_format_error
     from keras_aim.export.formats import check_backend
     from keras_aim.export.saved_model import resolve_version
 
@@ -378,6 +378,9 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError("--version applies to the saved_model format only.")
         version = None
         check_target(spec, args.out, args.overwrite)
+        if (aimv2_presets.is_preset_name(args.preset)
+                and aimv2_presets.get_preset(args.preset)["kind"] == "lit"):
+            raise ValueError(lit_format_error(spec.name))
     check_backend(spec)
     if args.model is not None:
         import keras

@@ -159,3 +159,16 @@ def test_cli_exports_each_format_and_refuses_what_the_backend_cannot(tmp_path, c
                          "--out", path]) == 1
         assert "KERAS_BACKEND=" in capsys.readouterr().err
         assert not os.path.exists(path)
+
+
+def test_the_lit_model_exports_as_saved_model_only(tmp_path, capsys):
+    from tests import aimv2_tiny
+
+    path = tmp_path / "lit.onnx"
+    with pytest.raises(ValueError, match="saved_model only.*lit.vision_encoder"):
+        export_model(aimv2_tiny.lit_model(load=False), path, "onnx")
+    # The command line refuses before downloading the release.
+    assert cli.main(["export", "--preset", "aimv2_large_patch14_224_lit",
+                     "--format", "onnx", "--out", str(path)]) == 1
+    assert "saved_model only" in capsys.readouterr().err
+    assert not path.exists()

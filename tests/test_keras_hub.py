@@ -121,6 +121,26 @@ for _family in FAMILIES:
 del _family
 
 
+class AIMv2ImageTextHarnessTest(test_case.TestCase):
+    """The LiT model, its towers, tokenizer and converter (no task: the
+    harness's task and backbone tests expect one image input)."""
+
+    def test_serialization_of_lit_text_encoder_tokenizer_and_native_trunk(self):
+        from keras_aim.models.aimv2.aimv2_lit import AIMv2LiTImageConverter
+        from tests import aimv2_tiny
+
+        lit = aimv2_tiny.lit_model(load=False)
+        for model in (
+            lit,
+            lit.text_encoder,
+            aimv2_tiny.native_backbone(load=False),
+            aimv2_tiny.tiny_tokenizer(),
+            AIMv2LiTImageConverter(image_size=(28, 28)),
+        ):
+            with self.subTest(model=type(model).__name__):
+                self.run_serialization_test(model)
+
+
 class LayerHarnessTest(test_case.TestCase):
     def test_serialization_of_every_layer(self):
         for name, (make, _) in sorted(ROUND_TRIP_CASES.items()):
