@@ -31,6 +31,7 @@ def test_info_lists_both_families(capsys):
         assert params in line and reported in line and "not yet recorded" in line
     assert "native" in next(l for l in out.splitlines() if l.startswith("aimv2_large_patch14_native"))
     assert sum(l.startswith("aimv2_") for l in out.splitlines()) == 16
+    assert "License: apple-amlr" in out  # from AIMv2Backbone.presets' listing
 
 
 def test_zero_shot_command_ranks_the_labels(hub, tmp_path, capsys):
