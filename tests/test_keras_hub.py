@@ -169,7 +169,7 @@ def test_presets_are_listed_the_keras_hub_way(monkeypatch):
     # The counts are those of the built models (a tiny registered preset).
     monkeypatch.setitem(aim_presets.AIM_PRESETS, "tiny", None)
     aim_presets.register_preset(
-        "tiny", dict(TINY_CONFIG), {"backbone": ("b.pth", "0")}, (2, 3), (2, 3),
+        "tiny", dict(TINY_CONFIG), {"backbone": ("b.pth", "0" * 64)}, (2, 3), (2, 3),
         num_classes=TINY_NUM_CLASSES,
     )
     classifier = keras_aim.AIMImageClassifier.from_preset("tiny", load_weights=False)
