@@ -35,6 +35,8 @@ def test_info_lists_both_families(capsys):
 
 
 def test_zero_shot_command_ranks_the_labels(hub, tmp_path, capsys):
+    from keras_aim.data.images import read_image
+
     jpeg, png, corrupt = write_images(tmp_path)
     labels = ",".join(aimv2_tiny.REFERENCE_TEXTS)
     code = cli.main(["zero-shot", jpeg, corrupt, png, "--labels", labels,
@@ -48,7 +50,7 @@ def test_zero_shot_command_ranks_the_labels(hub, tmp_path, capsys):
     classifier = keras_aim.zero_shot_classifier(
         lit, aimv2_tiny.REFERENCE_TEXTS, ["{}"], aimv2_tiny.tiny_tokenizer()
     )
-    image = keras_aim.AIMv2ImageConverter(image_size=(28, 28))(cli.read_image(jpeg))
+    image = keras_aim.AIMv2ImageConverter(image_size=(28, 28))(read_image(jpeg))
     probs = ops.convert_to_numpy(ops.softmax(classifier(image[None]), axis=-1))[0]
     best = aimv2_tiny.REFERENCE_TEXTS[int(np.argmax(probs))]
     assert lines[1].split(". ", 1)[1].startswith(best)

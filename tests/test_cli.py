@@ -142,12 +142,12 @@ def test_features_output_is_checked_before_any_work(tmp_path, capsys, monkeypatc
 def test_every_command_error_is_one_line_with_exit_code_1(tmp_path, capsys, monkeypatch):
     """Errors of any type, from any command: `error: ...`, exit code 1, and
     the traceback only with --verbose."""
-    import keras_aim.export
+    from keras_aim.export import saved_model
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "1"))
 
-    monkeypatch.setattr(keras_aim.export, "resolve_version", refuse)
+    monkeypatch.setattr(saved_model, "resolve_version", refuse)  # what the CLI calls
     command = ["export", "--model", "m.keras", "--out", str(tmp_path / "ro")]
     assert cli.main(command) == 1
     err = capsys.readouterr().err
