@@ -69,6 +69,9 @@ def _info(args: argparse.Namespace) -> int:
     print()
     print("AIMv2 (Apple's model.safetensors at the pinned Hub revision)")
     _table(_aimv2_rows())
+    licenses = sorted({m["metadata"]["license"] for m in aimv2_presets.listing("vision").values()})
+    print(f"Source: https://huggingface.co/apple/<repo>; License: {', '.join(licenses)} "
+          "(each Hub model card)")
     print(
         "Released checkpoints: https://huggingface.co/apple/<repo>/resolve/<revision>/; "
         "their SHA-256 digests are not yet recorded, so a download is checked "
@@ -92,10 +95,13 @@ def _checksum_strengths() -> dict[str, list[str]]:
 def _aimv2_rows() -> list[tuple[str, ...]]:
     from keras_aim.loading.preset_cache import cache_status
 
+    # The listing AIMv2Backbone.presets and AIMv2LiT.presets return.
+    listed = {**aimv2_presets.listing("vision"), **aimv2_presets.listing("lit")}
     rows = [("preset", "size", "resolution", "params", "fp32 size",
              "IN-1k top-1", "revision", "SHA-256", "cache")]
     for name, entry in AIMV2_PRESETS.items():
-        size = entry["image_size"]
+        metadata = listed[name]["metadata"]
+        size = metadata["image_size"][0]
         if entry["kind"] == "lit":
             reported = f"{entry['zero_shot_top1']} zero-shot"
         elif entry["imagenet_top1"] is not None:
@@ -107,8 +113,8 @@ def _aimv2_rows() -> list[tuple[str, ...]]:
                 name,
                 entry["size"],
                 f"{size}x{size}" if size else "native",
-                f"{entry['params']:,}",
-                f"{entry['params'] * 4 / 1e9:.1f} GB",
+                f"{metadata['params']:,}",
+                f"{metadata['params'] * 4 / 1e9:.1f} GB",
                 reported,
                 entry["revision"][:10],
                 entry["sha256"][:8] if entry["sha256"] else "not yet recorded",
@@ -354,7 +360,7 @@ def _export(args: argparse.Namespace) -> int:
     if len(spec.backends) == 1 and "KERAS_BACKEND" not in os.environ and "keras" not in sys.modules:
         # The one backend that writes this format (else the default one).
         os.environ["KERAS_BACKEND"] = spec.backends[0]
-    from keras_aim.export.exporters import check_target, export_model
+    from keras_aim.export.exporters import check_target, export_model, lit_format_error
     from keras_aim.export.formats import check_backend
     from keras_aim.export.saved_model import resolve_version
 
@@ -372,6 +378,9 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError("--version applies to the saved_model format only.")
         version = None
         check_target(spec, args.out, args.overwrite)
+        if (aimv2_presets.is_preset_name(args.preset)
+                and aimv2_presets.get_preset(args.preset)["kind"] == "lit"):
+            raise ValueError(lit_format_error(spec.name))
     check_backend(spec)
     if args.model is not None:
         import keras

@@ -59,6 +59,12 @@ class ModelFamily:
         return (height // patch) * (width // patch)
 
     @property
+    def any_image_size(self) -> bool:
+        """Whether the backbone takes images of sizes other than its own
+        (a learned position table covers one grid)."""
+        return self.backbone_config.get("position_embedding") != "learned"
+
+    @property
     def hidden_dim(self) -> int:
         return self.backbone_config["hidden_dim"]
 
@@ -113,7 +119,25 @@ AIM_V1 = ModelFamily(
     raw_image_size=(18, 20),
 )
 
-FAMILIES = [AIM_V1]
+AIM_V2 = ModelFamily(
+    name="aimv2",
+    backbone_cls=keras_aim.AIMv2Backbone,
+    # A learned position table (the released fixed-size models'), RMSNorm,
+    # SwiGLU; two blocks. Pre-training AIMv2 is not part of keras_aim.
+    backbone_config=dict(
+        image_shape=(16, 16, 3), patch_size=8, hidden_dim=32, num_layers=2,
+        num_heads=2, intermediate_dim=48, position_embedding="learned",
+    ),
+    classifier_cls=keras_aim.AIMv2ImageClassifier,
+    classifier_kwargs=dict(num_classes=5, probe_layers=2),
+    converter=lambda size: keras_aim.AIMv2ImageConverter(image_size=size),
+    preprocessor_cls=keras_aim.AIMv2ImageClassifierPreprocessor,
+    # The "clip" pipeline resizes the shorter side to the crop size: a
+    # 16-pixel shorter side is only cropped (see AIM_V1's raw_image_size).
+    raw_image_size=(16, 20),
+)
+
+FAMILIES = [AIM_V1, AIM_V2]
 
 # `@each_family` runs a test once per family, with the family as `family`.
 each_family = pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

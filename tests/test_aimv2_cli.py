@@ -31,9 +31,12 @@ def test_info_lists_both_families(capsys):
         assert params in line and reported in line and "not yet recorded" in line
     assert "native" in next(l for l in out.splitlines() if l.startswith("aimv2_large_patch14_native"))
     assert sum(l.startswith("aimv2_") for l in out.splitlines()) == 16
+    assert "License: apple-amlr" in out  # from AIMv2Backbone.presets' listing
 
 
 def test_zero_shot_command_ranks_the_labels(hub, tmp_path, capsys):
+    from keras_aim.data.images import read_image
+
     jpeg, png, corrupt = write_images(tmp_path)
     labels = ",".join(aimv2_tiny.REFERENCE_TEXTS)
     code = cli.main(["zero-shot", jpeg, corrupt, png, "--labels", labels,
@@ -47,7 +50,7 @@ def test_zero_shot_command_ranks_the_labels(hub, tmp_path, capsys):
     classifier = keras_aim.zero_shot_classifier(
         lit, aimv2_tiny.REFERENCE_TEXTS, ["{}"], aimv2_tiny.tiny_tokenizer()
     )
-    image = keras_aim.AIMv2ImageConverter(image_size=(28, 28))(cli.read_image(jpeg))
+    image = keras_aim.AIMv2ImageConverter(image_size=(28, 28))(read_image(jpeg))
     probs = ops.convert_to_numpy(ops.softmax(classifier(image[None]), axis=-1))[0]
     best = aimv2_tiny.REFERENCE_TEXTS[int(np.argmax(probs))]
     assert lines[1].split(". ", 1)[1].startswith(best)

@@ -139,17 +139,16 @@ def test_a_failed_export_leaves_no_file(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_exports_each_format_and_refuses_what_the_backend_cannot(tmp_path, capsys):
-    from tests.model_families import AIM_V1
-
+@each_family
+def test_cli_exports_each_format_and_refuses_what_the_backend_cannot(family, tmp_path, capsys):
     model_file = str(tmp_path / "classifier.keras")
-    classifier = AIM_V1.classifier()
+    classifier = family.classifier()
     classifier.save(model_file)
     out = str(tmp_path / f"exported{FORMATS[BACKBONE_FORMAT].suffix}")
     assert cli.main(["export", "--model", model_file, "--format", BACKBONE_FORMAT,
                      "--out", out]) == 0
     assert "input 'images'" in capsys.readouterr().out
-    check_matches_keras(classifier, BACKBONE_FORMAT, out, AIM_V1)
+    check_matches_keras(classifier, BACKBONE_FORMAT, out, family)
     assert cli.main(["export", "--model", model_file, "--format", BACKBONE_FORMAT,
                      "--out", out]) == 1
     assert "already exists" in capsys.readouterr().err
@@ -159,3 +158,16 @@ def test_cli_exports_each_format_and_refuses_what_the_backend_cannot(tmp_path, c
                          "--out", path]) == 1
         assert "KERAS_BACKEND=" in capsys.readouterr().err
         assert not os.path.exists(path)
+
+
+def test_the_lit_model_exports_as_saved_model_only(tmp_path, capsys):
+    from tests import aimv2_tiny
+
+    path = tmp_path / "lit.onnx"
+    with pytest.raises(ValueError, match="saved_model only.*lit.vision_encoder"):
+        export_model(aimv2_tiny.lit_model(load=False), path, "onnx")
+    # The command line refuses before downloading the release.
+    assert cli.main(["export", "--preset", "aimv2_large_patch14_224_lit",
+                     "--format", "onnx", "--out", str(path)]) == 1
+    assert "saved_model only" in capsys.readouterr().err
+    assert not path.exists()

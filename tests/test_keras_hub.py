@@ -121,6 +121,26 @@ for _family in FAMILIES:
 del _family
 
 
+class AIMv2ImageTextHarnessTest(test_case.TestCase):
+    """The LiT model, its towers, tokenizer and converter (no task: the
+    harness's task and backbone tests expect one image input)."""
+
+    def test_serialization_of_lit_text_encoder_tokenizer_and_native_trunk(self):
+        from keras_aim.models.aimv2.aimv2_lit import AIMv2LiTImageConverter
+        from tests import aimv2_tiny
+
+        lit = aimv2_tiny.lit_model(load=False)
+        for model in (
+            lit,
+            lit.text_encoder,
+            aimv2_tiny.native_backbone(load=False),
+            aimv2_tiny.tiny_tokenizer(),
+            AIMv2LiTImageConverter(image_size=(28, 28)),
+        ):
+            with self.subTest(model=type(model).__name__):
+                self.run_serialization_test(model)
+
+
 class LayerHarnessTest(test_case.TestCase):
     def test_serialization_of_every_layer(self):
         for name, (make, _) in sorted(ROUND_TRIP_CASES.items()):
@@ -149,7 +169,7 @@ def test_presets_are_listed_the_keras_hub_way(monkeypatch):
     # The counts are those of the built models (a tiny registered preset).
     monkeypatch.setitem(aim_presets.AIM_PRESETS, "tiny", None)
     aim_presets.register_preset(
-        "tiny", dict(TINY_CONFIG), {"backbone": ("b.pth", "0" * 8)}, (2, 3), (2, 3),
+        "tiny", dict(TINY_CONFIG), {"backbone": ("b.pth", "0" * 64)}, (2, 3), (2, 3),
         num_classes=TINY_NUM_CLASSES,
     )
     classifier = keras_aim.AIMImageClassifier.from_preset("tiny", load_weights=False)
@@ -164,3 +184,28 @@ def test_presets_are_listed_the_keras_hub_way(monkeypatch):
         classifier.backbone.count_params() + classifier.probe.count_params()
     )
     assert listed[keras_aim.AIMBackbone]["image_size"] == (32, 32)
+
+
+def test_aimv2_presets_are_listed_the_keras_hub_way():
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    table = aimv2_presets.AIMV2_PRESETS
+    vision = keras_aim.AIMv2Backbone.presets
+    lit = keras_aim.AIMv2LiT.presets
+    assert sorted(vision) == sorted(n for n, e in table.items() if e["kind"] == "vision")
+    assert list(lit) == ["aimv2_large_patch14_224_lit"]
+    # No released heads: no preset is a whole AIMv2 classifier.
+    assert keras_aim.AIMv2ImageClassifier.presets == {}
+    for name, preset in {**vision, **lit}.items():
+        metadata = preset["metadata"]
+        assert {"description", "params", "image_size", "source", "license"} <= set(metadata)
+        assert metadata["params"] == aimv2_presets.parameter_count(table[name])
+        assert metadata["source"] == f"https://huggingface.co/apple/{table[name]['model_id']}"
+        assert metadata["license"] == "apple-amlr"
+        size = table[name]["image_size"]
+        assert metadata["image_size"] == (size, size)
+    assert vision["aimv2_large_patch14_native"]["metadata"]["image_size"] == (None, None)
+    assert "distilled from aimv2_3b_patch14_224" in (
+        vision["aimv2_large_patch14_224_distilled"]["metadata"]["description"]
+    )
+    assert "zero-shot" in lit["aimv2_large_patch14_224_lit"]["metadata"]["description"]

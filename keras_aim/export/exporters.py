@@ -46,6 +46,7 @@ from keras_aim.export.saved_model import (
     serving_converter,
 )
 from keras_aim.layers.mlp import gelu_written_with_erf
+from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT
 from keras_aim.utils.atomic_files import atomic_file, atomic_file_with_companions
 
 INPUT_NAME = "images"
@@ -65,9 +66,10 @@ def export_model(
     returns the path written.
 
     Args:
-        model: an `AIMImageClassifier`, `AIMBackbone` or `AIMv2Backbone`
-            (any keras-hub image classifier or image backbone with an
-            `image_shape`); for `saved_model` also an `AIMv2LiT`.
+        model: an `AIMImageClassifier`, `AIMBackbone`, `AIMv2ImageClassifier`
+            or `AIMv2Backbone` (any keras-hub image classifier or image
+            backbone with an `image_shape`); for `saved_model` also an
+            `AIMv2LiT` (other formats: its `vision_encoder`).
         path: `saved_model`: TF Serving's model base path (the version
             folder goes inside); other formats: the file to write, ending in
             the format's suffix (`.onnx`, `.xml`, `.tflite`, `.pt2`).
@@ -80,10 +82,13 @@ def export_model(
 
     Raises:
         ValueError: an unknown format, a path without the format's suffix,
-            or a format the active backend cannot write (the error names
-            the backends that can).
+            a format the active backend cannot write (the error names the
+            backends that can), or an `AIMv2LiT` in a format other than
+            `saved_model`.
     """
     spec = get_format(format)
+    if isinstance(model, AIMv2LiT) and spec.name != "saved_model":
+        raise ValueError(lit_format_error(spec.name))
     check_exportable(model, top_k, image_text=spec.name == "saved_model")
     check_backend(spec)
     if spec.name == "saved_model":
@@ -101,6 +106,18 @@ def export_model(
     }[spec.name]
     writer(model, path, input_shape)
     return path
+
+
+def lit_format_error(format: str) -> str:
+    """Why the LiT image-text model is not written in `format`, and what to
+    export instead."""
+    return (
+        f"The AIMv2 LiT image-text model exports as saved_model only (its image "
+        f"and text embedding and zero-shot signatures); the {format} format holds "
+        "one image model. Export its vision encoder instead: "
+        f"export_model(lit.vision_encoder, path, {format!r}) in Python, or save "
+        "lit.vision_encoder as a .keras file and pass it to keras-aim export --model."
+    )
 
 
 def check_target(spec: ExportFormat, path: str | os.PathLike, overwrite: bool) -> str:
@@ -213,4 +230,4 @@ def write_torch(model: keras.Model, path: str, input_shape: tuple) -> None:
         )
 
 
-__all__ = ["FORMATS", "check_target", "export_input_shape", "export_model"]
+__all__ = ["FORMATS", "check_target", "export_input_shape", "export_model", "lit_format_error"]

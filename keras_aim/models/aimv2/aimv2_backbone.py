@@ -20,6 +20,7 @@ from keras_aim.loading.lean_loading import (
     variables_to_be_overwritten,
     zeros_while_loading,
 )
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim.aim_backbone import AIMBackbone, _check_config
 from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
@@ -27,12 +28,14 @@ from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
 )
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.convert_aimv2 import check_release_file, load_aimv2_weights
+from keras_aim.models.intermediates import TrunkIntermediates
+from keras_aim.utils.class_properties import classproperty
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMv2Backbone(Backbone):
+class AIMv2Backbone(TrunkIntermediates, Backbone):
     """The AIMv2 vision encoder: a ViT without class token.
 
     images `(B, H, W, C)` -> patch conv (with bias) + RMSNorm
@@ -42,9 +45,11 @@ class AIMv2Backbone(Backbone):
     -> `post_trunk_norm` (RMSNorm) -> `(B, N, D)`.
 
     The feature API is AIM-v1's (`AIMBackbone`): a call returns the
-    post_trunk_norm tokens, `block_outputs()` the outputs of blocks (before
-    the final norm, Apple's `output_features`), `extract_features()` tokens
-    or their mean, from the final norm or averaged blocks.
+    post_trunk_norm tokens, `forward_intermediates()` (timm's feature API,
+    `keras_aim.models.intermediates`) block outputs as tokens or a grid,
+    `block_outputs()` the outputs of blocks (before the final norm, Apple's
+    `output_features`), `extract_features()` tokens or their mean, from the
+    final norm or averaged blocks.
 
     Image sizes: with `position_embedding="sincos"` (the native-resolution
     model) any multiple of `patch_size` works. A learned table covers one
@@ -161,6 +166,8 @@ class AIMv2Backbone(Backbone):
     # The trunk runs and the feature API are AIM-v1's, word for word: they
     # use only the attributes both backbones share (patch_embedding,
     # position_embedding, flatten_grid, blocks, post_trunk_norm, config).
+    trunk_intermediates = AIMBackbone.trunk_intermediates
+    final_norm = AIMBackbone.final_norm
     _run_trunk = AIMBackbone._run_trunk
     default_lora_layer_names = AIMBackbone.default_lora_layer_names
     normalize_block_indices = AIMBackbone.normalize_block_indices
@@ -190,6 +197,12 @@ class AIMv2Backbone(Backbone):
         if hasattr(images, "shape"):
             self.check_images(images, exact_size=True)
         return super().__call__(images, *args, **kwargs)
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every released vision encoder `from_preset` takes by name, in
+        keras-hub's format (`aimv2_presets.listing("vision")`)."""
+        return aimv2_presets.listing("vision")
 
     def get_config(self):
         config = super().get_config()
@@ -264,8 +277,11 @@ def evaluation_preprocessor(name: str) -> AIMv2ImageClassifierPreprocessor:
 
 def keras_hub_preset(from_preset, preset, load_weights: bool, **kwargs):
     """keras-hub's `from_preset` (the bound base method) for preset
-    directories and handles, loading lean (see `loading.lean_loading`)."""
+    directories and handles, loading lean (see `loading.lean_loading`), with
+    a quantized preset's saved dtype policies (see `loading.preset_dtype`)."""
     limit_heap_fragmentation()
+    if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+        kwargs["dtype"] = saved_policy_map(preset)
     if not load_weights:
         return from_preset(preset, load_weights=False, **kwargs)
     with variables_to_be_overwritten():  # the strict load fills every one

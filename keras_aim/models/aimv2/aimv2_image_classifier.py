@@ -10,6 +10,7 @@ from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone, evaluation_prep
 from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
     AIMv2ImageClassifierPreprocessor,
 )
+from keras_aim.utils.class_properties import classproperty
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -35,6 +36,13 @@ class AIMv2ImageClassifier(AIMImageClassifier):
 
     backbone_cls = AIMv2Backbone
     preprocessor_cls = AIMv2ImageClassifierPreprocessor
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Empty: Apple released no AIMv2 classifier heads, so no preset is
+        a whole classifier (`from_preset(name, num_classes=N)` puts a new
+        probe on any of `AIMv2Backbone.presets`)."""
+        return aimv2_presets.listing("classifier")
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):

@@ -35,6 +35,7 @@ from keras_aim.models.aimv2.aimv2_backbone import (
 )
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.aimv2_tokenizer import AIMv2Tokenizer
+from keras_aim.utils.class_properties import classproperty
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -403,6 +404,12 @@ class AIMv2LiT(Backbone):
                     sub["config"] = {**sub["config"], "dtype": config["dtype"]}
                 config[part] = keras.layers.deserialize(sub, custom_objects=custom_objects)
         return cls(**config)
+
+    @classproperty
+    def presets(cls) -> dict:
+        """The released LiT model, in keras-hub's format
+        (`aimv2_presets.listing("lit")`)."""
+        return aimv2_presets.listing("lit")
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, checkpoint=None, **kwargs):

@@ -151,6 +151,66 @@ def get_preset(name: str) -> dict[str, Any]:
     return AIMV2_PRESETS[name]
 
 
+LISTING_KINDS = ("vision", "classifier", "lit")
+
+
+def listing(kind: str = "vision") -> dict[str, dict[str, Any]]:
+    """The released presets in keras-hub's `presets` format, for
+    `AIMv2Backbone.presets` (`kind="vision"`: the 15 vision encoders),
+    `AIMv2LiT.presets` (`"lit"`) and `keras-aim info`: `{name: {"metadata":
+    {"description", "params", "image_size", "source", "license",
+    "license_url", "path"}}}`. `image_size` is `(None, None)` for the
+    native-resolution model.
+
+    `AIMv2ImageClassifier.presets` (`"classifier"`) is empty: Apple released
+    no classifier heads for AIMv2, so no preset names a whole classifier
+    (`AIMv2ImageClassifier.from_preset(name, num_classes=N)` puts a new,
+    untrained probe on a vision encoder's trunk).
+    """
+    if kind not in LISTING_KINDS:
+        raise ValueError(f"kind must be one of {LISTING_KINDS}; received {kind!r}.")
+    presets = {}
+    for name, entry in AIMV2_PRESETS.items():
+        if kind == "classifier" or (entry["kind"] == "lit") != (kind == "lit"):
+            continue
+        config = entry["config"]
+        size = entry["image_size"]
+        encoder = (
+            f"{entry['size']} vision encoder (width {config['hidden_dim']}, "
+            f"{config['num_layers']} blocks, {config['num_heads']} heads, patch "
+            f"{config['patch_size']}, "
+            + (f"{size}x{size} images" if size else "native resolution: any "
+               f"multiple of {config['patch_size']}, sin-cos positions")
+            + ")"
+        )
+        description = f"AIMv2 {encoder}"
+        if "distilled_from" in entry:
+            description += f", distilled from {entry['distilled_from']}"
+        if entry["kind"] == "lit":
+            description = (
+                f"AIMv2 LiT image-text model: {encoder} with a "
+                f"{entry['text_config']['num_layers']}-block text encoder; "
+                f"ImageNet-1k zero-shot top-1 {entry['zero_shot_top1']}% reported"
+            )
+        elif entry["imagenet_top1"] is not None:
+            description += (
+                f"; ImageNet-1k top-1 {entry['imagenet_top1']}% reported "
+                "(frozen trunk, attentive probe)"
+            )
+        presets[name] = {
+            "metadata": {
+                "description": description + ".",
+                "params": entry["params"],
+                "image_size": (size, size),
+                "source": f"{HUB_URL}/{entry['repo_id']}",
+                "license": entry["license"],
+                "license_url": f"{HUB_URL}/{entry['repo_id']}",
+                "path": "aimv2",
+            }
+        }
+    return presets
+
+
 def is_preset_name(preset) -> bool:
     return isinstance(preset, str) and preset in AIMV2_PRESETS
 
