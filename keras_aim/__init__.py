@@ -133,14 +133,12 @@ def register_classes() -> None:
         importlib.import_module(module)
 
 
-def _importing_keras_aim() -> bool:
-    """Whether a keras_aim module is being imported right now (then it is
-    that import chain that brought Keras in, and registering would re-enter
-    it)."""
+def _initializing(prefix: str) -> bool:
+    """Whether a module named `prefix` or below it is being imported now."""
     return any(
         getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
-        if name.startswith("keras_aim.")
+        if name == prefix or name.startswith(prefix + ".")
     )
 
 
@@ -166,16 +164,27 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
-    """Registers keras_aim's classes right after Keras is imported, so that
-    `import keras_aim; import keras; keras.saving.load_model(...)` finds
-    them. Hand-written (a post-import hook, as in `wrapt`) because Keras has
-    no plugin mechanism for third-party serializable classes."""
+    """Registers keras_aim's classes right after Keras (and keras-hub, if it
+    is being imported) has loaded, so that `import keras_aim; import keras;
+    keras.saving.load_model(...)` finds them. Hand-written (a post-import
+    hook, as in `wrapt`) because Keras has no plugin mechanism for
+    third-party serializable classes.
+
+    Registering imports keras_aim's models, which import keras-hub: while
+    keras-hub or a keras_aim module is still initializing (it is what
+    brought Keras in), registering would re-enter it, so it waits for the
+    end of that keras-hub import, or for that keras_aim import to reach the
+    models itself.
+    """
+
+    WATCHED = ("keras", "keras_hub")
 
     def find_spec(self, name, path=None, target=None):
-        if name != "keras":
+        if name not in self.WATCHED:
             return None
-        sys.meta_path.remove(self)  # one-shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec(name)
+        if name == self.WATCHED[-1]:
+            sys.meta_path.remove(self)  # the last one to watch
+        spec = self._find_elsewhere(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
@@ -186,8 +195,8 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
 
             def exec_module(self, module):
                 loader.exec_module(module)
-                if _importing_keras_aim():
-                    return  # registered when that import reaches `keras_aim.<name>`
+                if _initializing("keras_aim") or (name == "keras" and _initializing("keras_hub")):
+                    return
                 try:
                     register_classes()
                 except Exception as error:  # never break `import keras`
@@ -202,6 +211,16 @@ class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
 
         spec.loader = RegisteringLoader()
         return spec
+
+    def _find_elsewhere(self, name):
+        """The spec the other finders give (this one stays out of the way)."""
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, None)
+            if spec is not None:
+                return spec
+        return None
 
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):

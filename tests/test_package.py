@@ -118,3 +118,41 @@ def test_saved_model_loads_when_keras_comes_after_keras_aim(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "AIMBackbone"
+
+
+@once_in_jax_pass
+def test_quiet_frameworks_keeps_tensorflows_start_up_lines_off_stderr():
+    """TensorFlow writes its C++ start-up lines (oneDNN, CUDA drivers)
+    before it reads TF_CPP_MIN_LOG_LEVEL; quiet_frameworks silences the
+    descriptor for the import. Without it the same import is not silent
+    (the control), and with --verbose nothing is hidden."""
+    code = (
+        "import sys\n"
+        "from keras_aim.utils.quiet import quiet_frameworks\n"
+        "if sys.argv[1] == 'quiet': quiet_frameworks()\n"
+        "import tensorflow as tf\n"
+        "print(float(tf.constant(1.0) + 1))\n"
+    )
+    # As a user starts it: no log level chosen (the test suite sets one).
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet"], cwd=ROOT, env=environment,
+                           capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "2.0", quiet.stderr[-3000:]
+    assert quiet.stderr == ""
+    loud = run_python(code, "loud", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert loud.returncode == 0 and loud.stderr.strip(), "TensorFlow printed nothing at all"
+
+
+@once_in_jax_pass
+@pytest.mark.parametrize("first,second", [("keras_aim", "keras_hub"),
+                                          ("keras_aim", "keras"),
+                                          ("keras_hub", "keras_aim")])
+def test_classes_are_registered_whichever_is_imported_first(first, second):
+    run = run_python(
+        f"import {first}, {second}, keras\n"
+        "names = ['keras_aim>AIMBackbone', 'keras_aim>AIMv2LiT']\n"
+        "print(all(keras.saving.get_registered_object(n) for n in names))\n",
+        env={"PYTHONWARNINGS": "error::RuntimeWarning", "KERAS_BACKEND": "jax"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "True"
