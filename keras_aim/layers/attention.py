@@ -185,7 +185,12 @@ class AIMPrefixSampler(keras.layers.Layer):
         self.num_patches = num_patches
         self.seed = seed
         self.eval_seed = eval_seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        # Named after the layer: the state's variable path stays the same
+        # however many generators the process made before (checkpoints key
+        # variables by path).
+        self.seed_generator = keras.random.SeedGenerator(
+            seed, name=f"{self.name}_seed_generator"
+        )
 
     def call(self, images, training=None):
         shape = (ops.shape(images)[0],)

@@ -4,6 +4,9 @@ across its replicas for the loss normalizer."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import tensorflow as tf
 
 
@@ -51,3 +54,16 @@ def sum_over_replicas(value):
     if context is None or context.num_replicas_in_sync == 1:
         return value
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def is_chief() -> bool:
+    """Whether this process is the one that writes shared files in a
+    multi-worker run (`TF_CONFIG`'s chief, else worker 0); True without
+    `TF_CONFIG`."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task") or {}
+    if not task:
+        return True
+    if "chief" in (config.get("cluster") or {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
