@@ -1,6 +1,7 @@
-"""One pre-training step under tf.distribute.MirroredStrategy on 2 logical
-CPU devices and on one device; prints both losses and the largest weight
-difference as JSON. Run in its own process (TensorFlow backend): the CPU
+"""One pre-training step, with gradient clipping, under
+tf.distribute.MirroredStrategy on 2 logical CPU devices and on one device;
+prints both losses, the largest weight difference and the gradient norm as
+JSON. Run in its own process (TensorFlow backend): the CPU
 must be split before TensorFlow starts."""
 
 import json
@@ -16,6 +17,7 @@ distribution_tf.split_cpu(2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import keras_aim  # noqa: E402
 from tests.conftest import make_tiny_backbone  # noqa: E402
@@ -25,10 +27,10 @@ def one_step(images, initial=None):
     pretrainer = keras_aim.AIMPretrainer(
         make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0
     )
-    # Without clipping: Keras clips each replica's gradients before the
-    # all-reduce (see the README), which would make the updates differ.
+    # A small clipping norm, so that clipping changes the step: it applies to
+    # the gradient summed over the replicas, as on one device.
     pretrainer.compile(
-        optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=None)
+        optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=CLIP)
     )
     if initial is not None:
         pretrainer.set_weights(initial)
@@ -37,13 +39,21 @@ def one_step(images, initial=None):
     return before, loss, [keras.ops.convert_to_numpy(w) for w in pretrainer.weights]
 
 
+CLIP = 0.05
 images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
 initial, single_loss, single_after = one_step(images)
 strategy = distribution_tf.mirrored_strategy(2)
 with strategy.scope():
     _, mirrored_loss, mirrored_after = one_step(images, initial)
+probe = keras_aim.AIMPretrainer(make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0)
+probe.set_weights(initial)
+with tf.GradientTape() as tape:
+    loss = probe.compute_loss(images, None, probe(images, training=True))
+gradient_norm = float(tf.linalg.global_norm(tape.gradient(loss, probe.trainable_variables)))
 print(json.dumps({
     "replicas": strategy.num_replicas_in_sync,
+    "clip": CLIP,
+    "gradient_norm": gradient_norm,
     "single_loss": single_loss,
     "mirrored_loss": mirrored_loss,
     "max_weight_difference": max(

@@ -229,12 +229,13 @@ def test_plan_recipe_prints_the_aim_7b_table(capsys):
 
 @pytest.mark.slow
 @once_in_jax_pass
-def test_mirrored_strategy_step_matches_a_single_device():
+def test_mirrored_strategy_clipped_step_matches_a_single_device():
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "mirrored_step.py")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
+    assert result["gradient_norm"] > 2 * result["clip"]  # clipping changed the step
     np.testing.assert_allclose(result["mirrored_loss"], result["single_loss"], rtol=1e-5)
     assert result["max_weight_difference"] < 1e-5

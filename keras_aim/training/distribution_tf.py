@@ -1,12 +1,15 @@
 """TensorFlow-only pieces of data-parallel training (imported lazily, only
-with the TensorFlow backend): `tf.distribute.MirroredStrategy`, and a sum
-across its replicas for the loss normalizer."""
+with the TensorFlow backend): `tf.distribute.MirroredStrategy` (one
+process) and `MultiWorkerMirroredStrategy` (several, from `TF_CONFIG`), a
+sum across replicas for the loss normalizer, and AdamW that clips the
+gradient summed over all replicas."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 
@@ -27,6 +30,36 @@ def mirrored_strategy(num_replicas: int) -> tf.distribute.MirroredStrategy:
     return tf.distribute.MirroredStrategy(
         [device.name for device in devices[:num_replicas]]
     )
+
+
+_MULTI_WORKER: list = []  # the one MultiWorkerMirroredStrategy of the process
+
+
+def multi_worker_strategy(num_replicas: int) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """The process's `MultiWorkerMirroredStrategy` over the workers that
+    `TF_CONFIG` lists (created on the first call, which must come before
+    TensorFlow runs anything); raises ValueError unless it has
+    `num_replicas` replicas in all (workers x local GPUs, or one CPU per
+    worker)."""
+    if not _MULTI_WORKER:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        if not config.get("cluster") or not config.get("task"):
+            raise ValueError(
+                "Multi-worker training with TensorFlow reads its workers from "
+                "TF_CONFIG, which is not set; set it on every worker, e.g. "
+                '{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
+                '"task": {"type": "worker", "index": 0}}.'
+            )
+        _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+    strategy = _MULTI_WORKER[0]
+    if strategy.num_replicas_in_sync != num_replicas:
+        raise ValueError(
+            f"The mesh asks for {num_replicas} data-parallel replicas, but the "
+            f"{strategy.cluster_resolver.cluster_spec().num_tasks('worker')} "
+            f"workers of TF_CONFIG give {strategy.num_replicas_in_sync}; use "
+            f"--mesh {strategy.num_replicas_in_sync}x1."
+        )
+    return strategy
 
 
 def split_cpu(num_devices: int) -> None:
@@ -67,3 +100,32 @@ def is_chief() -> bool:
     if "chief" in (config.get("cluster") or {}):
         return task.get("type") == "chief"
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+@keras.saving.register_keras_serializable(package="keras_aim")
+class GlobalNormClipAdamW(keras.optimizers.AdamW):
+    """`keras.optimizers.AdamW` whose `global_clipnorm` (or `clipnorm`)
+    applies to the gradient of the whole global batch under a
+    `tf.distribute` strategy, as on one device and under JAX's
+    `keras.distribution`.
+
+    Why: Keras 3.15's TensorFlow optimizer clips each replica's gradient and
+    sums the replicas afterwards (in `_backend_update_step`), so a clipped
+    step differs from the single-device step. Here the sum over replicas
+    comes first, in `_clip_gradients`, and the later all-reduce is skipped
+    (it would add the already-summed gradients again). Outside a
+    multi-replica strategy it is plain AdamW.
+    """
+
+    def _clip_gradients(self, grads):
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            present = [g for g in grads if g is not None]
+            summed = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+            grads = [None if g is None else next(summed) for g in grads]
+        return super()._clip_gradients(grads)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # Already summed over the replicas in `_clip_gradients`, which Keras
+        # calls before every update.
+        return list(grads_and_vars)
