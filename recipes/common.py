@@ -16,8 +16,10 @@ and fitted in; feed `training.micro_batch_size` images per step and pass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
@@ -34,10 +36,15 @@ def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--multi-host", action="store_true",
-        help="multi-process run: calls keras.distribution.initialize() from "
-        "KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID "
-        "(JAX); every host runs the same command, tf.data input is sharded "
-        "per host",
+        help="multi-process run, the same command on every host: JAX reads "
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID, "
+        "TensorFlow TF_CONFIG (data parallel); each process feeds its part of "
+        "every global batch",
+    )
+    group.add_argument(
+        "--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="with --multi-host (JAX): how long a process waits for the "
+        "coordinator and the other processes before failing (default 300)",
     )
     group.add_argument(
         "--accumulate", type=int, default=1, metavar="N",
@@ -60,6 +67,7 @@ class DistributedTraining:
     accumulate: int
     remat: bool
     global_batch_size: int
+    multi_host: bool = False
 
     @property
     def micro_batch_size(self) -> int:
@@ -71,18 +79,73 @@ class DistributedTraining:
         """For the optimizer (`None`: no accumulation)."""
         return self.accumulate if self.accumulate > 1 else None
 
+    @property
+    def process_index(self) -> int:
+        """This process's number in a multi-process run (0: the one that
+        writes the run's shared files, logs and results)."""
+        import keras
+
+        if not self.multi_host:
+            return 0
+        if keras.config.backend() == "tensorflow":
+            from keras_aim.training import distribution_tf
+
+            return distribution_tf.task_number()
+        import jax
+
+        return jax.process_index()
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_index == 0
+
     def scope(self):
         """Build, compile, restore and fit the model inside this."""
         from keras_aim.training.distribution import distribution_scope
 
-        return distribution_scope(self.mesh)
+        return distribution_scope(self.mesh, multi_host=self.multi_host)
+
+    def take_data_sharding(self) -> tuple[int, int]:
+        """`(index, count)` for a pipeline that yields this process's part
+        of every global batch itself (`pretraining_dataset(shard=...)`);
+        Keras' own sharding of the input is turned off. Call inside
+        `scope()`. One process: `(0, 1)`."""
+        import keras
+
+        distribution = keras.distribution.distribution() if (
+            keras.config.backend() == "jax") else None
+        if not self.multi_host or distribution is None:
+            return 0, 1
+        from keras_aim.training import distribution_jax
+
+        distribution.auto_shard_dataset = False
+        return distribution_jax.data_shard(distribution)
 
 
-def setup_distribution(args: argparse.Namespace, global_batch_size: int) -> DistributedTraining:
+@contextlib.contextmanager
+def results_folder(out: str, training: DistributedTraining):
+    """Where this process writes the run's results: `out` on process 0; a
+    temporary folder, removed afterwards, on the others. Every process must
+    save: reading a sharded or adapted weight may compute across processes,
+    so all of them take part; only process 0's files are kept."""
+    if training.is_primary:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="keras_aim-process") as folder:
+        yield folder
+
+
+def setup_distribution(
+    args: argparse.Namespace, global_batch_size: int, settings: dict | None = None
+) -> DistributedTraining:
     """Validates the distribution options against the batch size and the
-    backend and prepares the devices; call it before anything computes.
+    backend and prepares the devices (with --multi-host: starts the
+    multi-process runtime); call it before anything computes. In a
+    multi-process JAX run, every process must pass equal `settings` (the
+    run's config) and the mesh must cover all their devices.
 
-    Raises ValueError (bad mesh, batch not divisible, bad --accumulate) or
+    Raises ValueError (bad mesh, batch not divisible, bad --accumulate,
+    processes that disagree) or
     `keras_aim.distribution.DistributionUnavailableError` (the backend cannot
     run the mesh, e.g. PyTorch with more than one device).
     """
@@ -94,16 +157,28 @@ def setup_distribution(args: argparse.Namespace, global_batch_size: int) -> Dist
     if args.accumulate < 1:
         raise ValueError(f"--accumulate must be >= 1; received {args.accumulate}.")
     distribution.check_backend_supports(mesh)
-    if args.multi_host:
-        distribution.initialize_multi_host()  # before any device is touched
+    backend = keras.config.backend()
+    if args.multi_host and backend == "tensorflow":
+        from keras_aim.training import distribution_tf
+
+        distribution_tf.multi_worker_strategy(mesh.batch)  # before any TF op
+    elif args.multi_host:
+        distribution.initialize_multi_host(args.coordinator_timeout)  # JAX only
     distribution.check_batch_divisible(global_batch_size, mesh, args.accumulate)
-    if keras.config.backend() == "tensorflow" and mesh.batch > 1:
+    if args.multi_host:
+        distribution.check_multi_host(mesh, {
+            **(settings or {}), "batch_size": global_batch_size,
+            "accumulate": args.accumulate, "remat": args.remat,
+        })
+    elif backend == "tensorflow" and mesh.batch > 1:
         from keras_aim.training import distribution_tf
         import tensorflow as tf
 
         if not tf.config.list_physical_devices("GPU"):
             distribution_tf.split_cpu(mesh.batch)
-    return DistributedTraining(mesh, args.accumulate, args.remat, global_batch_size)
+    return DistributedTraining(
+        mesh, args.accumulate, args.remat, global_batch_size, args.multi_host
+    )
 
 
 def build_pretrainer(
@@ -187,8 +262,8 @@ def start_run(args):
         raise ValueError(
             f"{args.out} holds the results of a finished run; choose another --out."
         )
-    training = setup_distribution(args, args.batch_size)
-    callbacks = fit_callbacks(args.out, args.resume)
+    training = setup_distribution(args, args.batch_size, settings=vars(args))
+    callbacks = fit_callbacks(args.out, args.resume, training.process_index)
     keras.config.set_dtype_policy(args.dtype)
     keras.utils.set_random_seed(args.seed)
     return callbacks, training

@@ -193,11 +193,22 @@ class AIMPrefixSampler(keras.layers.Layer):
         )
 
     def call(self, images, training=None):
-        shape = (ops.shape(images)[0],)
+        batch = ops.shape(images)[0]
         seed = self.seed_generator if training else self.eval_seed
-        return keras.random.randint(
-            shape, minval=1, maxval=self.num_patches, dtype="int32", seed=seed
+        replica, replicas = 0, 1
+        if keras.config.backend() == "tensorflow":
+            # Under tf.distribute each replica holds a slice of the global
+            # batch: draw for the whole batch, keep this replica's rows (as
+            # one device, or JAX's keras.distribution, would draw them).
+            from keras_aim.layers import replicas_tf
+
+            replica, replicas = replicas_tf.replica_position()
+        draws = keras.random.randint(
+            (batch * replicas,), minval=1, maxval=self.num_patches, dtype="int32", seed=seed
         )
+        if replicas == 1:
+            return draws
+        return ops.slice(draws, (replica * batch,), (batch,))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0],)

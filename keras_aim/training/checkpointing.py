@@ -41,9 +41,10 @@ from typing import Callable
 
 import keras
 
+from keras_aim.utils import remote_paths
+
 DEFAULT_KEEP = 2
 _STEP = re.compile(r"^(\d+)")
-_REMOTE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 def checkpoint_directory(path: str) -> str:
@@ -52,15 +53,15 @@ def checkpoint_directory(path: str) -> str:
     Raises ValueError for other URLs (Orbax 0.12 writes arrays with
     TensorStore's local-file and GCS drivers only), naming the fix.
     """
-    match = _REMOTE.match(str(path))
-    if match is None:
+    if not remote_paths.is_url(path):
         return os.path.abspath(os.path.expanduser(str(path)))
-    if match[1] == "gs":
+    scheme = str(path).split("://")[0]
+    if scheme == "gs":
         return str(path).rstrip("/")
     raise ValueError(
         f"Checkpoints cannot be written to {path}: Orbax writes them to local "
         "paths (mounted network filesystems included) and to gs:// only. "
-        f"Mount the {match[1]}:// bucket (e.g. mountpoint-s3 or s3fs for "
+        f"Mount the {scheme}:// bucket (e.g. mountpoint-s3 or s3fs for "
         "s3://) and pass its local path, or use gs:// or a shared filesystem."
     )
 
@@ -112,7 +113,9 @@ def _value(variable):
     array itself, never gathered; otherwise a host copy."""
     if keras.config.backend() == "jax":
         return variable.value
-    return keras.ops.convert_to_numpy(variable.value)
+    # Through a tensor: NumPy cannot read scalar tf.distribute variables
+    # (e.g. the optimizer's step) directly inside a multi-worker scope.
+    return keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(variable))
 
 
 def _signature(variables: dict) -> dict:
@@ -235,9 +238,11 @@ class TrainingCheckpoints:
         returning, with `wait`). A save waits for the previous one."""
         variables = training_variables(model)
         path = f"{self.directory}/{step}"
+        # Every process reads the values (under a TensorFlow multi-worker
+        # strategy, reading some variables is a collective); writers write.
+        state = {g: {k: _value(v) for k, v in m.items()} for g, m in variables.items()}
         if not self._writer:
             return path
-        state = {g: {k: _value(v) for k, v in m.items()} for g, m in variables.items()}
         metadata = {"config": self.config, "variables": _signature(variables)}
         response = self._checkpointer.save_async(
             step, state, force=True, custom_metadata=metadata
@@ -352,7 +357,7 @@ class StepCheckpoint(keras.callbacks.Callback):
         self.checkpoints.save(self.model, step)
 
 
-def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
+def fit_callbacks(workdir: str | None, resume: bool = False, process_index: int = 0) -> list:
     """Keras callbacks that make a `fit` of whole epochs observable and
     resumable in `workdir`: TensorBoard logs (`tensorboard/`), a CSV log
     (`log.csv`) and an end-of-epoch backup of the model and optimizer
@@ -361,12 +366,15 @@ def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
     completes). A backup left by an interrupted run is continued only with
     `resume=True`, so a run is never resumed or overwritten by accident.
     No `workdir`: no callbacks.
+
+    In a multi-process run, process 0 writes the logs; every other process
+    keeps only its own backup (`backup-process<i>/`), which it restores from.
     """
     if workdir is None:
         if resume:
             raise ValueError("resume needs the output directory of the run to resume.")
         return []
-    backup = os.path.join(workdir, "backup")
+    backup = os.path.join(workdir, "backup" if process_index == 0 else f"backup-process{process_index}")
     interrupted = os.path.isdir(backup) and bool(os.listdir(backup))
     if interrupted and not resume:
         raise ValueError(
@@ -379,8 +387,10 @@ def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
             "(runs that finished remove their backup). Drop --resume."
         )
     os.makedirs(workdir, exist_ok=True)
-    return [
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=resume),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
-    ]
+    callbacks = [keras.callbacks.BackupAndRestore(backup, double_checkpoint=True)]
+    if process_index == 0:
+        callbacks += [
+            keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=resume),
+            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        ]
+    return callbacks

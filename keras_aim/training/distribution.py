@@ -295,6 +295,24 @@ def check_multi_host(mesh: Mesh, settings: dict) -> None:
     distribution_jax.check_devices(mesh.num_devices, str(mesh))
 
 
+@contextlib.contextmanager
+def each_process_alone():
+    """Runs its block without the current `keras.distribution` if that
+    spans several processes: every process then computes the same thing
+    on its own first device (for models too small to be worth splitting,
+    like an attentive probe on extracted features, which every process
+    holds whole). Otherwise it changes nothing."""
+    current = keras.distribution.distribution() if keras.config.backend() == "jax" else None
+    if current is None or getattr(current, "num_processes", 1) == 1:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
+
+
 def distribution_scope(mesh: Mesh | str, devices=None, multi_host: bool = False):
     """A context manager to build, compile and fit a model in, for `mesh`
     on the current backend: a `keras.distribution` scope (JAX), a

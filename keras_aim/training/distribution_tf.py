@@ -51,6 +51,7 @@ def multi_worker_strategy(num_replicas: int) -> tf.distribute.MultiWorkerMirrore
                 '"task": {"type": "worker", "index": 0}}.'
             )
         _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        _reduce_scalar_logs_across_workers()
     strategy = _MULTI_WORKER[0]
     if strategy.num_replicas_in_sync != num_replicas:
         raise ValueError(
@@ -60,6 +61,33 @@ def multi_worker_strategy(num_replicas: int) -> tf.distribute.MultiWorkerMirrore
             f"--mesh {strategy.num_replicas_in_sync}x1."
         )
     return strategy
+
+
+def _reduce_scalar_logs_across_workers() -> None:
+    """Works around a Keras 3.15 bug: under MultiWorkerMirroredStrategy its
+    TensorFlow trainer averages each step's logs over the workers with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails for the scalar
+    loss ("Invalid reduction dimension 0 for input with 0 dimensions",
+    tensorflow/tensorflow#72388), so `fit` cannot run. Scalars are averaged
+    without an axis instead; everything else goes to Keras' own code. Done
+    once, when the multi-worker strategy is made; skipped if Keras changed."""
+    from keras.src.backend.tensorflow import trainer
+    from keras.src import tree
+
+    original = getattr(trainer, "reduce_per_replica", None)
+    multi_worker = getattr(trainer, "_collective_all_reduce_multi_worker", None)
+    if original is None or multi_worker is None or getattr(original, "keras_aim", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not multi_worker(strategy):
+            return original(values, strategy, reduction)
+        return tree.map_structure(
+            lambda v: strategy.reduce("MEAN", v, axis=0 if v.shape.rank else None), values
+        )
+
+    reduce_per_replica.keras_aim = True
+    trainer.reduce_per_replica = reduce_per_replica
 
 
 def split_cpu(num_devices: int) -> None:
@@ -89,17 +117,23 @@ def sum_over_replicas(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
-def is_chief() -> bool:
-    """Whether this process is the one that writes shared files in a
-    multi-worker run (`TF_CONFIG`'s chief, else worker 0); True without
+def task_number() -> int:
+    """This process's number in a multi-worker run (`TF_CONFIG`): 0 for the
+    chief (or, without one, worker 0), then the workers in order; 0 without
     `TF_CONFIG`."""
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
     task = config.get("task") or {}
     if not task:
-        return True
+        return 0
+    index = int(task.get("index", 0))
     if "chief" in (config.get("cluster") or {}):
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+        return 0 if task.get("type") == "chief" else index + 1
+    return index
+
+
+def is_chief() -> bool:
+    """Whether this process writes the shared files of a multi-worker run."""
+    return task_number() == 0
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
