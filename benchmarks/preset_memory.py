@@ -1,19 +1,23 @@
-"""Peak memory and speed of converting and loading a full-size AIM preset.
+"""Peak memory and speed of converting and loading a full-size AIM or AIMv2 preset.
 
-Writes a full-size `aim_600m` trunk with random weights in the released
-format (a torch `.pth` state dict, 2.7 GB), then, in a fresh process per
-backend and step, measures peak resident memory (VmHWM) of:
+Writes a full-size trunk with random weights in the released format (for
+`aim_600m` a torch `.pth` state dict, 2.7 GB; for an AIMv2 preset such as
+`aimv2_huge_patch14_224` Apple's `model.safetensors`, put where a download
+would be), then, in a fresh process per backend and step, measures peak
+resident memory (VmHWM) of:
 
-  convert: released .pth -> Keras -> cached keras-hub preset directory
-           (what the first `AIMBackbone.from_preset("aim_600m")` does)
-  load:    cached preset directory -> AIMBackbone (every later call)
+  convert: released file -> Keras -> cached keras-hub preset directory
+           (what the first `AIMBackbone.from_preset("aim_600m")` /
+           `AIMv2Backbone.from_preset(...)` does)
+  load:    cached preset directory -> AIMBackbone / AIMv2Backbone (every
+           later call)
 
 and prints a table with peak RSS, RSS after imports, their difference, the
 ratios to the float32 weight bytes and the time. Targets: peak at most 1.3x
 (convert) and 1.15x (load) the weight bytes.
 
     python benchmarks/preset_memory.py [--backends jax tensorflow torch]
-        [--preset aim_600m] [--workdir DIR] [--csv FILE]
+        [--preset aim_600m | aimv2_huge_patch14_224 | ...] [--workdir DIR] [--csv FILE]
 """
 
 from __future__ import annotations
@@ -42,12 +46,17 @@ step, name, release_dir = sys.argv[1:4]
 import keras_aim
 from keras_aim.loading import preset_cache
 from keras_aim.models.aim.aim_backbone import AIMBackbone, cached_release_preset
+from keras_aim.models.aimv2 import aimv2_backbone
 after_imports = rss()
 start = time.perf_counter()
-if step == "convert":
+v2 = name in keras_aim.AIMV2_PRESETS
+if step == "convert" and v2:
+    aimv2_backbone.cached_release_preset(keras_aim.AIMv2Backbone, name, None, progress=False)
+elif step == "convert":
     cached_release_preset(AIMBackbone, name, None, release_dir, progress=False)
 else:
-    backbone = keras_aim.AIMBackbone.from_preset(preset_cache.preset_cache_dir(name))
+    cls = keras_aim.AIMv2Backbone if v2 else keras_aim.AIMBackbone
+    backbone = cls.from_preset(preset_cache.preset_cache_dir(name))
 seconds = time.perf_counter() - start
 peak = status("VmHWM")
 print(json.dumps({"after_imports": after_imports, "peak": peak, "seconds": seconds}))
@@ -56,7 +65,12 @@ print(json.dumps({"after_imports": after_imports, "peak": peak, "seconds": secon
 
 def write_released_checkpoint(name: str, folder: str) -> tuple[str, int]:
     """Random weights with the released key names and shapes, as torch.save
-    writes them. Returns (path, float32 weight bytes)."""
+    (AIM-v1) or safetensors (AIMv2) writes them. Returns (path, float32
+    weight bytes)."""
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    if aimv2_presets.is_preset_name(name):
+        return write_aimv2_checkpoint(name, folder)
     import torch
 
     from keras_aim.models.aim.aim_presets import get_preset
@@ -87,6 +101,37 @@ def write_released_checkpoint(name: str, folder: str) -> tuple[str, int]:
     return path, nbytes
 
 
+def write_aimv2_checkpoint(name: str, folder: str) -> tuple[str, int]:
+    """An AIMv2 release's `model.safetensors` (every key and shape of the
+    preset, random float32 values)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    shapes = aimv2_presets.state_dict_shapes(aimv2_presets.get_preset(name))
+    rng = np.random.default_rng(0)
+    state = {
+        key: (rng.standard_normal(shape, dtype=np.float32) * 0.02) for key, shape in shapes.items()
+    }
+    nbytes = sum(value.nbytes for value in state.values())
+    path = os.path.join(folder, "model.safetensors")
+    save_file(state, path)
+    return path, nbytes
+
+
+def place_aimv2_download(name: str, path: str, home: str) -> None:
+    """Links the written file where `from_preset` finds a finished download
+    (so that `convert` measures converting, not downloading)."""
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    target = os.path.join(home, "downloads", *aimv2_presets.download_path(
+        aimv2_presets.get_preset(name)).split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not os.path.exists(target):
+        os.link(path, target)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", default=["jax", "tensorflow", "torch"])
@@ -98,6 +143,9 @@ def main() -> int:
     sys.path.insert(0, ROOT)
     from keras_aim.loading.download import sha256_file
     from keras_aim.models.aim.aim_presets import get_preset
+    from keras_aim.models.aimv2 import aimv2_presets
+
+    v2 = aimv2_presets.is_preset_name(args.preset)
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="aim_memory_")
     release_dir = os.path.join(workdir, "released")
@@ -116,13 +164,16 @@ def main() -> int:
     path, nbytes = json.loads(written.stdout.strip().splitlines()[-1])
     print(f"wrote {path} ({nbytes / 1e9:.2f} GB of float32 weights) in "
           f"{time.perf_counter() - start:.0f} s")
-    # The random file's checksum replaces the released one for this run.
-    entry = get_preset(args.preset)
-    sha = sha256_file(path)
+    # The random file's checksum replaces the released one for this run
+    # (AIM-v1; AIMv2 records none: the file sits where a download would).
+    entry = None if v2 else get_preset(args.preset)
+    sha = None if v2 else sha256_file(path)
 
     rows = []
     for backend in args.backends:
         home = os.path.join(workdir, f"home-{backend}")
+        if v2:
+            place_aimv2_download(args.preset, path, home)
         for step in ("convert", "load"):
             result = measure(step, backend, args.preset, release_dir, home, sha, entry)
             rows.append({
@@ -150,14 +201,17 @@ def main() -> int:
 
 
 def measure(step, backend, name, release_dir, home, sha, entry) -> dict:
-    """Runs the child with the preset's checksum set to the random file's."""
-    child = CHILD.replace(
-        "import keras_aim\n",
-        "import keras_aim\n"
-        f"keras_aim.AIM_PRESETS[{name!r}]['files']['backbone'] = "
-        f"({entry['files']['backbone'][0]!r}, {sha!r})\n",
-        1,
-    )
+    """Runs the child with the preset's checksum set to the random file's
+    (AIM-v1)."""
+    child = CHILD
+    if entry is not None:
+        child = CHILD.replace(
+            "import keras_aim\n",
+            "import keras_aim\n"
+            f"keras_aim.AIM_PRESETS[{name!r}]['files']['backbone'] = "
+            f"({entry['files']['backbone'][0]!r}, {sha!r})\n",
+            1,
+        )
     env = {**os.environ, "KERAS_BACKEND": backend, "KERAS_AIM_HOME": home,
            "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     out = subprocess.run(

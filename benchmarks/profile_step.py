@@ -1,22 +1,25 @@
-"""Where the time of an AIM pre-training step goes, on the current Keras backend.
+"""Where the time of AIM inference and of a pre-training step goes, on the
+current Keras backend.
 
-Uses the CPU config of `throughput.py` (or its size flags) and prints:
+Uses a case of `throughput.py` (`--cases CONFIG[@BATCH][/MODES]`, default its
+small CPU config, or the size flags) and prints:
 
-  JAX:      median times of the compiled pieces of the step: trunk forward
-            (full attention), trunk + pixel head + loss forward (prefix-causal
-            mask), forward + backward (gradients), and the whole
-            `train_on_batch` (plus clipping and the AdamW update); then the
-            compiled step's time by kind of XLA operation (matrix products,
-            transposing copies, other element-wise fusions), from a
-            `jax.profiler` trace, and its slowest operations.
-  PyTorch:  Keras' own cost per forward (`predict_on_batch`, a call under
-            `torch.inference_mode`, the plain PyTorch model of
-            `torch_reference_aim.py` on the same weights), then the
-            torch.profiler operator table of one Keras inference call and one
-            Keras training step (self CPU time, top operators).
+  JAX:      for inference, the XLA:CPU operations of one `predict_on_batch`
+            of the trunk by kind (matrix products with their GFLOP/s,
+            transposing copies, other fusions) and the slowest ones; for
+            training, median times of the compiled pieces of the step (trunk
+            forward, trunk + pixel head + loss, forward + backward, the whole
+            `train_on_batch`), then the step's operations by kind. From
+            `jax.profiler` traces.
+  PyTorch:  the trunk's forward through Keras (`predict_on_batch`, a call
+            under `torch.inference_mode`) against the plain PyTorch model of
+            `torch_reference_aim.py` on the same weights, then the
+            torch.profiler operator tables (self CPU time, top operators) of
+            a Keras inference call and, for training, a Keras step.
 
     KERAS_BACKEND=jax python benchmarks/profile_step.py
-    KERAS_BACKEND=torch python benchmarks/profile_step.py
+    KERAS_BACKEND=jax python benchmarks/profile_step.py --cases aim_600m@4/inference
+    KERAS_BACKEND=torch python benchmarks/profile_step.py --cases aim_600m@4/inference
 
 A measurement, not a test.
 """
@@ -49,7 +52,9 @@ def _median_ms(function, repeats: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
-def build(config: dict):
+def build(config: dict, train: bool = True):
+    """`(backbone, pretrainer)`, the pretrainer compiled, or `None` when
+    `train` is false."""
     import keras
 
     import keras_aim
@@ -60,11 +65,20 @@ def build(config: dict):
         image_shape=(size, size, 3), patch_size=config["patch_size"],
         hidden_dim=config["hidden_dim"], num_layers=config["num_layers"],
         num_heads=config["num_heads"])
+    if not train:
+        return backbone, None
     pretrainer = keras_aim.AIMPretrainer(
         backbone, pixel_head_width=config["head_width"],
         pixel_head_depth=config["head_depth"], seed=0)
     pretrainer.compile()
     return backbone, pretrainer
+
+
+def pooled_trunk(backbone):
+    """The trunk with its tokens mean-pooled, as `throughput.py` times it."""
+    import keras
+
+    return keras.Model(backbone.input, keras.ops.mean(backbone.output, axis=1))
 
 
 def profile_jax(config: dict, images):
@@ -139,16 +153,16 @@ def trace_by_kind(step, steps: int = 4):
     return kinds, per_op
 
 
-def profile_torch(config: dict, images) -> str:
+def profile_torch(config: dict, images, modes) -> str:
     import keras
     import torch
     from torch.profiler import profile
 
     import torch_reference_aim as reference
 
-    backbone, pretrainer = build(config)
-    backbone.predict_on_batch(images)
-    pretrainer.train_on_batch(images)
+    backbone, pretrainer = build(config, train="train" in modes)
+    trunk = pooled_trunk(backbone)
+    trunk.predict_on_batch(images)
 
     plain = reference.TorchAIM(
         image_size=config["image_size"], patch_size=config["patch_size"],
@@ -182,22 +196,41 @@ def profile_torch(config: dict, images) -> str:
             keras.layers.Layer.__call__ = original
         return calls[0]
 
+    repeats = 15 if throughput.step_flops(config)["inference"] < 20e9 else 3
     forward = [
         ("Keras predict_on_batch (NumPy in and out)",
-         _median_ms(lambda: backbone.predict_on_batch(images), 15)),
-        ("Keras call under torch.inference_mode", _median_ms(keras_call, 15)),
-        ("plain PyTorch model, same weights", _median_ms(plain_call, 15)),
+         _median_ms(lambda: trunk.predict_on_batch(images), repeats)),
+        ("Keras call under torch.inference_mode", _median_ms(keras_call, repeats)),
+        ("plain PyTorch model, same weights", _median_ms(plain_call, repeats)),
     ]
     lines = [f"forward of the trunk ({count_layer_calls()} Keras layer calls per forward):"]
     lines += [f"  {name:<44}{ms:>8.1f} ms" for name, ms in forward]
     tables = ["\n".join(lines)]
-    for name, step in (("inference", lambda: backbone.predict_on_batch(images)),
-                       ("pre-training step", lambda: pretrainer.train_on_batch(images))):
+    steps = [("Keras inference", lambda: trunk.predict_on_batch(images)),
+             ("plain PyTorch inference", plain_call)]
+    if pretrainer is not None:
+        pretrainer.train_on_batch(images)
+        steps.append(("Keras pre-training step", lambda: pretrainer.train_on_batch(images)))
+    for name, step in steps:
         with profile() as recorded:
             step()
         tables.append(f"{name}:\n" + recorded.key_averages().table(
             sort_by="self_cpu_time_total", row_limit=12))
     return "\n".join(tables)
+
+
+def print_kinds(kinds, per_op, what: str, matrix_flops: float) -> None:
+    """The trace's operations by kind (matrix products with their GFLOP/s
+    from the analytic count) and the slowest ones."""
+    traced = sum(kinds.values())
+    print(f"\n{what} by kind of XLA operation (trace; {traced:.0f} ms of thunks per call):")
+    for kind, ms in kinds.most_common():
+        rate = (f"  {matrix_flops / ms / 1e6:.0f} GFLOP/s"
+                if kind.startswith("matrix") and ms else "")
+        print(f"  {kind:<60}{ms:>9.1f} ms{100 * ms / traced:>6.0f}%{rate}")
+    print("slowest operations:")
+    for name, ms in per_op.most_common(8):
+        print(f"  {name:<60}{ms:>9.1f} ms  ({operation_kind(name).split(' (')[0]})")
 
 
 def main(argv=None) -> int:
@@ -209,32 +242,32 @@ def main(argv=None) -> int:
     import numpy as np
 
     args = throughput.parse_args(argv)
-    config = throughput.resolve_config(args)
-    size = config["image_size"]
+    case = throughput.parse_case((args.cases or [args.config])[0], args)
+    config, modes = case["config"], case["modes"]
+    size, batch = config["image_size"], config["batch_size"]
     images = np.random.default_rng(0).standard_normal(
-        (config["batch_size"], size, size, 3), dtype=np.float32)
+        (batch, size, size, 3), dtype=np.float32)
     backend = keras.config.backend()
-    flops = throughput.step_flops(config)
-    print(f"backend {backend}; config {config}")
+    flops = {mode: batch * value for mode, value in throughput.step_flops(config).items()}
+    print(f"backend {backend}; {throughput.describe_case(case)}; "
+          f"{throughput.describe_cpu()}")
+    print(f"(analytic: inference {flops['inference'] / 1e9:.1f} GFLOP, "
+          f"pre-training step {flops['train'] / 1e9:.1f} GFLOP per batch)")
     if backend == "jax":
-        rows, step = profile_jax(config, images)
-        total = rows[-1][1]
-        print(f"{'piece':<36}{'ms':>9}{'of step':>9}")
-        for name, ms in rows:
-            print(f"{name:<36}{ms:>9.1f}{100 * ms / total:>8.0f}%")
-        print(f"(analytic: inference {flops['inference'] * config['batch_size'] / 1e9:.1f} "
-              f"GFLOP, step {flops['train'] * config['batch_size'] / 1e9:.1f} GFLOP per batch)")
-        kinds, per_op = trace_by_kind(step)
-        traced = sum(kinds.values())
-        print(f"\ncompiled train step by kind of XLA operation (trace; {traced:.0f} ms "
-              "of thunks per step):")
-        for kind, ms in kinds.most_common():
-            print(f"  {kind:<60}{ms:>8.1f} ms{100 * ms / traced:>6.0f}%")
-        print("slowest operations:")
-        for name, ms in per_op.most_common(8):
-            print(f"  {name:<60}{ms:>8.1f} ms  ({operation_kind(name).split(' (')[0]})")
+        if "inference" in modes:
+            trunk = pooled_trunk(build(config, train=False)[0])
+            infer = lambda: trunk.predict_on_batch(images)  # noqa: E731
+            print(f"predict_on_batch of the trunk: {_median_ms(infer, 3):.1f} ms")
+            print_kinds(*trace_by_kind(infer, steps=2), "inference", flops["inference"])
+        if "train" in modes:
+            rows, step = profile_jax(config, images)
+            total = rows[-1][1]
+            print(f"\n{'piece':<36}{'ms':>9}{'of step':>9}")
+            for name, ms in rows:
+                print(f"{name:<36}{ms:>9.1f}{100 * ms / total:>8.0f}%")
+            print_kinds(*trace_by_kind(step), "compiled train step", flops["train"])
     elif backend == "torch":
-        print(profile_torch(config, images))
+        print(profile_torch(config, images, modes))
     else:
         print("profile_step.py covers the JAX and PyTorch backends.")
     return 0

@@ -7,8 +7,11 @@ default. It answers whether a compiler setting closes the gap of the JAX
 pre-training step (see the README's Performance section).
 
     python benchmarks/xla_cpu_flags.py [--repeats N] [--markdown-out F] [size flags of throughput.py]
+    python benchmarks/xla_cpu_flags.py --config aim_600m --batch-size 4 --modes inference \\
+        --dtype bfloat16             # one dtype policy per sweep
 
 A measurement, not a test. Flags this jaxlib does not know fail their row.
+The fraction is of the machine's float32 matmul rate as `throughput.py` measures it.
 """
 
 from __future__ import annotations
@@ -51,28 +54,38 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown-out", default=None)
     known, rest = parser.parse_known_args(argv)
     args = throughput.parse_args(["--targets", "keras-jax", *rest])
-    config = throughput.resolve_config(args)
-    rates = [throughput.matmul_rate()]
+    case = throughput.parse_case(args.config, args)
+    plan = throughput.matmul_plan([case])
+    readings = {framework: [] for framework in throughput.MACHINE_RATE_FRAMEWORKS}
+
+    def read_rates():
+        for framework in readings:
+            reading = throughput.measure_matmuls(framework, plan, args.target_timeout)
+            if "error" not in reading:
+                reading.pop("wall")
+                readings[framework].append(reading)
+
+    read_rates()
     measured = []  # (flags, meaning, worker results, first error)
     base = os.environ.get("XLA_FLAGS", "")
     try:
         for flags, meaning in FLAG_SETS:
             os.environ["XLA_FLAGS"] = f"{base} {flags}".strip()
-            processes = [throughput.measure_target("keras-jax", args)
+            processes = [throughput.measure_target("keras-jax", args, case)
                          for _ in range(known.repeats)]
             error = next((p["error"][0] for p in processes if "error" in p), "")
             measured.append((flags, meaning, [p for p in processes if "error" not in p], error))
             print(f"{flags or '(none)'}: {error or 'ok'}", flush=True)
     finally:
         os.environ["XLA_FLAGS"] = base
-    rates.append(throughput.matmul_rate())
-    rate = max(rates)
+    read_rates()
+    rates = throughput.best_rates(readings)
 
     header = ["XLA_FLAGS", "what", *(f"{mode} of matmul" for mode in args.modes)]
     lines = []
     for flags, meaning, processes, error in measured:
         # The fastest process per mode, as in throughput.py's table.
-        rows = throughput.table_rows({"keras-jax": processes}, config, rate, peak=None)
+        rows = throughput.table_rows({("keras-jax", case["dtypes"][0]): processes}, case, rates)
         fraction = {row["mode"]: row["of_matmul"] for row in rows}
         cells = [f"`{flags}`" if flags else "(none)", meaning]
         cells += [f"{100 * fraction[mode]:.0f}%" if mode in fraction else
@@ -80,8 +93,11 @@ def main(argv=None) -> int:
         lines.append(cells)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(cells) + " |" for cells in lines]
-    note = (f"keras-jax, fastest of {known.repeats} process(es) per row; float32 matmul "
-            f"rate {rate / 1e9:.1f} GFLOP/s; {throughput._versions()}")
+    machine = throughput.machine_rate(rates)
+    note = (f"keras-jax, {case['label']}, {case['dtypes'][0]}, fastest of {known.repeats} "
+            f"process(es) per row; machine float32 "
+            f"matmul rate (fastest of JAX and PyTorch, 2048^3) {machine / 1e9:.1f} GFLOP/s; "
+            f"{throughput.describe_cpu()}; {throughput._versions()}")
     print("\n" + note + "\n" + "\n".join(table))
     if known.markdown_out:
         throughput._write_text(known.markdown_out, note + "\n\n" + "\n".join(table) + "\n")

@@ -1,7 +1,8 @@
-"""keras_aim: AIM (Autoregressive Image Models) for Keras 3 on any backend.
+"""keras_aim: AIM and AIMv2 (Autoregressive Image Models) for Keras 3 on any backend.
 
     import keras_aim
-    backbone = keras_aim.AIMBackbone.from_preset("aim_600m")
+    backbone = keras_aim.AIMBackbone.from_preset("aim_600m")            # AIM-v1
+    encoder = keras_aim.AIMv2Backbone.from_preset("aimv2_large_patch14_224")
 
 Everything public is reachable as an attribute of the package and is
 imported on first use, so `import keras_aim` (and the `keras-aim` command)
@@ -10,7 +11,8 @@ starts without loading Keras or a backend. The package:
     keras_aim/
       layers/     building blocks (keras.ops only)
       models/     one folder per model family (aim/: backbone, classifier,
-                  converter, pretrainer, presets, checkpoint conversion)
+                  converter, pretrainer, presets, checkpoint conversion;
+                  aimv2/: vision encoders, LiT image-text model, tokenizer)
       loading/    download, verify, cache, read checkpoints, lean loading
       training/   losses, optimizers, probing, LoRA, checkpoints,
                   distribution, memory planner
@@ -36,6 +38,7 @@ from keras_aim.utils.lazy_imports import lazy_attributes
 from keras_aim.version import __version__
 
 _AIM = "keras_aim.models.aim"
+_AIMV2 = "keras_aim.models.aimv2"
 _PUBLIC = {
     # Models of the AIM-v1 family.
     "AIMBackbone": f"{_AIM}.aim_backbone:AIMBackbone",
@@ -48,6 +51,18 @@ _PUBLIC = {
     "trunk_parameter_count": f"{_AIM}.aim_presets:trunk_parameter_count",
     "resolve_probe_layers": f"{_AIM}.aim_image_classifier:resolve_probe_layers",
     "load_official_weights": f"{_AIM}.convert_aim:load_official_weights",
+    # Models of the AIMv2 family.
+    "AIMv2Backbone": f"{_AIMV2}.aimv2_backbone:AIMv2Backbone",
+    "AIMv2ImageClassifier": f"{_AIMV2}.aimv2_image_classifier:AIMv2ImageClassifier",
+    "AIMv2ImageClassifierPreprocessor":
+        f"{_AIMV2}.aimv2_image_classifier_preprocessor:AIMv2ImageClassifierPreprocessor",
+    "AIMv2ImageConverter": f"{_AIMV2}.aimv2_image_converter:AIMv2ImageConverter",
+    "AIMv2LiT": f"{_AIMV2}.aimv2_lit:AIMv2LiT",
+    "AIMv2TextEncoder": f"{_AIMV2}.aimv2_lit:AIMv2TextEncoder",
+    "AIMv2Tokenizer": f"{_AIMV2}.aimv2_tokenizer:AIMv2Tokenizer",
+    "AIMV2_PRESETS": f"{_AIMV2}.aimv2_presets:AIMV2_PRESETS",
+    "load_aimv2_weights": f"{_AIMV2}.convert_aimv2:load_aimv2_weights",
+    "zero_shot_classifier": f"{_AIMV2}.aimv2_lit:zero_shot_classifier",
     "WeightLoadingError": "keras_aim.loading.state_dict:WeightLoadingError",
     "pretraining_optimizer": "keras_aim.training.optimizers:pretraining_optimizer",
     # Subpackages.
@@ -106,6 +121,8 @@ MOVED_MODULES = {
 MODEL_MODULES = (
     f"{_AIM}.aim_image_classifier",
     f"{_AIM}.aim_pretrainer",
+    f"{_AIMV2}.aimv2_image_classifier",
+    f"{_AIMV2}.aimv2_lit",
     "keras_aim.training.losses",
 )
 

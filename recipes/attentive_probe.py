@@ -1,6 +1,8 @@
-"""Attentive probe on a frozen AIM trunk: train one, or evaluate a head.
+"""Attentive probe on a frozen AIM or AIMv2 trunk: train one, or evaluate a head.
 
     python -m recipes.attentive_probe --backbone runs/demo/backbone --data digits
+    python -m recipes.attentive_probe --backbone aimv2_large_patch14_224 \
+        --data folder:/data/flowers/train --val folder:/data/flowers/val
     python -m recipes.attentive_probe --backbone aim_600m --probe-layers best \
         --data tfds:imagenet2012 --cache-dir /scratch/features --out runs/probe
     python -m recipes.attentive_probe --backbone aim_7b --evaluate-only \
@@ -23,6 +25,7 @@ import sys
 from recipes.common import (
     add_run_arguments,
     fit_logging,
+    positive_int,
     quiet,
     results_folder,
     run_in_scope,
@@ -33,11 +36,13 @@ from recipes.common import (
 def features(backbone, images, layers, image_size: int, cache_dir: str | None):
     """Probe features and labels of a `LabeledImages` (cached if asked)."""
     from keras_aim import data
+    from keras_aim.models.families import evaluation_converter
     from keras_aim.training import probing
 
     batches = data.classification_dataset(
         images.images, images.labels, 256, image_size, training=False,
         num_classes=images.num_classes,
+        converter=evaluation_converter(backbone, image_size),
     )
     if cache_dir:
         fingerprint = f"{images.fingerprint}|eval-preprocessing:{image_size}"
@@ -49,14 +54,14 @@ def features(backbone, images, layers, image_size: int, cache_dir: str | None):
 
 def classifier_with_head(args):
     """The classifier whose head `--evaluate-only` evaluates."""
-    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.models import families
     from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
     from keras_aim.models.aim.convert_aim import head_num_classes, load_head
 
     if args.head in ("best", "last"):
         return AIMImageClassifier.from_preset(args.backbone, probe_layers=args.head)
-    backbone = AIMBackbone.from_preset(args.backbone)
-    classifier = AIMImageClassifier(
+    backbone = families.backbone_from_preset(args.backbone)
+    classifier = families.classifier_class(backbone)(
         backbone, head_num_classes(args.head), args.probe_layers
     )
     load_head(classifier, args.head)
@@ -66,7 +71,7 @@ def classifier_with_head(args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=positive_int, default=60)
     parser.add_argument("--cache-dir", default=None, help="on-disk feature cache")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate --head on --val instead of training")
@@ -81,12 +86,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    return run_in_scope(args, train_or_evaluate)
+    return run_in_scope(args, train_or_evaluate, "attentive_probe")
 
 
 def train_or_evaluate(args, callbacks, training) -> int:
-    from keras_aim.models.aim.aim_backbone import AIMBackbone
-    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+    from keras_aim.models import families
     from keras_aim.training import probing
 
     if args.evaluate_only:
@@ -101,10 +105,10 @@ def train_or_evaluate(args, callbacks, training) -> int:
                 "it on the data it was trained on."
             )
     else:
-        backbone = AIMBackbone.from_preset(args.backbone, remat=training.remat)
+        backbone = families.backbone_from_preset(args.backbone, remat=training.remat)
         image_size = backbone.image_shape[0] or 224
         train_set, val_set = splits(args, image_size)
-        classifier = AIMImageClassifier(
+        classifier = families.classifier_class(backbone)(
             backbone, val_set.num_classes, args.probe_layers
         )
     layers = classifier.probe_layers

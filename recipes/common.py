@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
+from keras_aim.utils.arguments import positive_int
+
 DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
+# Without --val, this share of each class of a folder is held out for
+# validation (accuracy on the training images would say nothing).
+HOLDOUT_FRACTION = 0.2
+RUN_FILE = "run.json"  # names the recipe that owns a run folder
+
 
 
 def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +54,7 @@ def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
         "coordinator and the other processes before failing (default 300)",
     )
     group.add_argument(
-        "--accumulate", type=int, default=1, metavar="N",
+        "--accumulate", type=positive_int, default=1, metavar="N",
         help="gradient accumulation: each weight update averages the "
         "gradients of N micro-batches of batch_size/N images (the effective "
         "batch stays batch_size)",
@@ -237,7 +244,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where tensorflow-datasets keeps prepared data")
     parser.add_argument("--probe-layers", type=parse_layers, default="last",
                         help="last | best | comma-separated block indices")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32",
@@ -250,10 +257,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_distribution_arguments(parser)
 
 
-def start_run(args):
-    """Checks the output directory and the distribution options (before any
-    work) and sets the dtype policy and seed; returns the fit callbacks and
-    the `DistributedTraining` (build and fit inside its `scope()`)."""
+def start_run(args, recipe: str):
+    """Checks the output directory (it must be new, empty or a run of
+    `recipe`) and the distribution options (before any work) and sets the
+    dtype policy and seed; returns the fit callbacks and the
+    `DistributedTraining` (build and fit inside its `scope()`)."""
     import keras
 
     from keras_aim.training.checkpointing import fit_callbacks
@@ -263,50 +271,174 @@ def start_run(args):
             f"{args.out} holds the results of a finished run; choose another --out."
         )
     training = setup_distribution(args, args.batch_size, settings=vars(args))
+    if args.out and (training.is_primary or args.resume):
+        # One process writes the run's marker; with --resume every one checks it.
+        claim_run_folder(args.out, recipe, args.resume)
     callbacks = fit_callbacks(args.out, args.resume, training.process_index)
     keras.config.set_dtype_policy(args.dtype)
     keras.utils.set_random_seed(args.seed)
     return callbacks, training
 
 
+def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
+    """Makes `folder` the run folder of `recipe` (`recipes.<recipe>`), or
+    raises `ValueError` if it belongs to another recipe, is a non-empty
+    folder of anything else, or (with `resume`) holds no run to resume.
+
+    A run folder holds `run.json` naming its recipe; a recipe's own checks
+    (finished or interrupted run, --resume) come after this one."""
+    from keras_aim.utils import remote_paths
+
+    if remote_paths.is_url(folder):  # gs://...: no os.path, no rename
+        return _claim_remote_run_folder(folder, recipe, resume)
+    marker = os.path.join(folder, RUN_FILE)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; the run needs a folder.")
+    contents = os.listdir(folder) if os.path.isdir(folder) else []
+    if resume and not contents:
+        raise ValueError(
+            f"Nothing to resume in {folder}: "
+            + ("it is empty." if os.path.isdir(folder) else "it does not exist.")
+            + " Check the path, or drop --resume to start a new run."
+        )
+    if contents:
+        owner = _run_owner(folder, marker)
+        if owner is None:
+            raise ValueError(
+                f"{folder} is not empty and not a run folder of recipes.{recipe} "
+                f"(it holds {', '.join(sorted(contents)[:5])}"
+                f"{', ...' if len(contents) > 5 else ''}). Choose a new or empty folder."
+            )
+        if owner != recipe:
+            raise ValueError(
+                f"{folder} is a run folder of recipes.{owner}; recipes.{recipe} "
+                "would overwrite its logs. Choose another folder."
+            )
+        return
+    os.makedirs(folder, exist_ok=True)
+    from keras_aim.utils.atomic_files import atomic_file
+
+    with atomic_file(marker) as staging, open(staging, "w") as handle:
+        json.dump({"recipe": recipe}, handle)
+
+
+def _claim_remote_run_folder(folder: str, recipe: str, resume: bool) -> None:
+    """`claim_run_folder` for a URL, through etils.epath (an object store
+    writes the small marker in one piece)."""
+    from etils import epath
+
+    path = epath.Path(folder)
+    contents = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if resume and not contents:
+        raise ValueError(
+            f"Nothing to resume in {folder}: it holds nothing. Check the path, "
+            "or drop --resume to start a new run."
+        )
+    if not contents:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RUN_FILE).write_text(json.dumps({"recipe": recipe}))
+        return
+    try:
+        owner = str(json.loads((path / RUN_FILE).read_text())["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = "pretrain" if "checkpoints" in contents else None
+    if owner != recipe:
+        raise ValueError(
+            f"{folder} is not a run folder of recipes.{recipe} (it holds "
+            f"{', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}). "
+            "Choose a new or empty folder."
+        )
+
+
+def _run_owner(folder: str, marker: str) -> str | None:
+    """The recipe named in a run folder's marker; pre-training runs written
+    before markers existed are recognized by their checkpoints."""
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as handle:
+                return str(json.load(handle)["recipe"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        return "pretrain"
+    return None
+
+
 def splits(args, image_size: int, train: bool = True):
-    """(train, val) `LabeledImages` for the --data / --val specs."""
-    from keras_aim.data.sources import labeled_images
+    """(train, val) `LabeledImages` for the --data / --val specs.
+
+    Training needs a validation split that is not the training data: a
+    folder without --val gives up `HOLDOUT_FRACTION` of each class (said
+    on stdout); --val naming the training folder is refused, and so is
+    data with one class."""
+    from keras_aim.data.sources import has_own_validation_split, labeled_images
+
+    holdout = 0.0
+    if train and not has_own_validation_split(args.data):
+        if args.val is None:
+            holdout = HOLDOUT_FRACTION
+        elif args.val == args.data:
+            raise ValueError(
+                f"--val {args.val} is the training data: its accuracy would "
+                "be measured on the training images. Give a separate "
+                f"validation set, or leave --val out to hold out "
+                f"{HOLDOUT_FRACTION:.0%} of each class of {args.data}."
+            )
 
     def load(spec, split):
-        return labeled_images(spec, split, args.seed, image_size, args.tfds_data_dir)
+        return labeled_images(spec, split, args.seed, image_size, args.tfds_data_dir,
+                              holdout=holdout if spec == args.data else 0.0)
 
     train_set = load(args.data, "train") if train else None
     val_set = load(args.val or args.data, "val")
-    if train_set is not None and train_set.num_classes != val_set.num_classes:
-        raise ValueError(
-            f"{train_set.description} has {train_set.num_classes} classes but "
-            f"{val_set.description} has {val_set.num_classes}; use matching splits."
-        )
+    if holdout:
+        print(f"no --val: validating on {val_set.description}, held out from training")
+    if train_set is not None:
+        if train_set.num_classes < 2:
+            raise ValueError(
+                f"{train_set.description} has a single class "
+                f"({train_set.class_names[0]!r}); a classifier needs at least 2. "
+                "Put each class's images in its own subfolder."
+            )
+        if train_set.num_classes != val_set.num_classes:
+            raise ValueError(
+                f"{train_set.description} has {train_set.num_classes} classes but "
+                f"{val_set.description} has {val_set.num_classes}; use matching splits."
+            )
     return train_set, val_set
 
 
-def run_in_scope(args, body) -> int:
-    """`body(args, callbacks, training)` inside the distribution scope; a bad
-    input is printed as `error: ...` and gives exit code 1."""
-    try:
-        callbacks, training = start_run(args)
+def run_in_scope(args, body, recipe: str) -> int:
+    """`body(args, callbacks, training)` inside the distribution scope of
+    recipe `recipe`'s run; any error is printed as one `error: ...` line
+    (the traceback too at `--verbose 2`) and gives exit code 1."""
+
+    def run():
+        callbacks, training = start_run(args, recipe)
         with training.scope():
             return body(args, callbacks, training)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # RuntimeError: DistributionUnavailableError (e.g. --mesh on PyTorch).
+
+    return run_reporting_errors(args, run)
+
+
+def run_reporting_errors(args: argparse.Namespace, run) -> int:
+    """`run()`'s exit code; an exception becomes one `error: ...` line and
+    exit code 1 (with the traceback at `--verbose 2`), Ctrl-C code 130."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
+    except Exception as error:  # every failure: one line, not a traceback
         return report_error(args, error)
 
 
 def report_error(args: argparse.Namespace, error: BaseException) -> int:
     """Prints `error: ...` (with the traceback at `--verbose 2`); returns
     the exit code 1."""
-    if getattr(args, "verbose", 0) >= 2:
-        import traceback
+    from keras_aim.utils.quiet import report_error as report
 
-        traceback.print_exception(error)
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+    return report(error, with_traceback=getattr(args, "verbose", 0) >= 2)
 
 
 def add_verbosity_argument(parser: argparse.ArgumentParser) -> None:

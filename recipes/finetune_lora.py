@@ -1,6 +1,7 @@
-"""LoRA fine-tuning of an AIM trunk with its attentive probe (paper Table 8).
+"""LoRA fine-tuning of an AIM or AIMv2 trunk with its attentive probe (paper Table 8).
 
     python -m recipes.finetune_lora --backbone runs/demo/backbone --data digits --out runs/lora
+    python -m recipes.finetune_lora --backbone aimv2_large_patch14_224 --data digits --out runs/lora_v2
     python -m recipes.finetune_lora --backbone aim_600m --probe-layers best \
         --data tfds:imagenet2012 --dtype mixed_bfloat16 --out runs/lora_600m
 
@@ -23,6 +24,7 @@ import sys
 from recipes.common import (
     add_run_arguments,
     fit_logging,
+    positive_int,
     quiet,
     results_folder,
     run_in_scope,
@@ -33,8 +35,8 @@ from recipes.common import (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--epochs", type=positive_int, default=20)
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--init-probe", default=None, help="probe weights to start from")
     parser.add_argument("--augmentation", choices=("aim", "shift", "none"), default=None,
@@ -44,13 +46,12 @@ def main(argv=None) -> int:
     if args.out is None:
         parser.error("--out is required (adapters and probe are saved there)")
     quiet(args)
-    return run_in_scope(args, finetune)
+    return run_in_scope(args, finetune, "finetune_lora")
 
 
 def finetune(args, callbacks, training) -> int:
     from keras_aim import data
-    from keras_aim.models.aim.aim_backbone import AIMBackbone
-    from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
+    from keras_aim.models import families
     from keras_aim.models.aim.convert_aim import load_head
     from keras_aim.training import probing
     from keras_aim.training.lora import (
@@ -60,10 +61,11 @@ def finetune(args, callbacks, training) -> int:
         save_merged_preset,
     )
 
-    backbone = AIMBackbone.from_preset(args.backbone, remat=training.remat)
+    backbone = families.backbone_from_preset(args.backbone, remat=training.remat)
     size = backbone.image_shape[0] or 224
+    converter = families.evaluation_converter(backbone, size)
     train_set, val_set = splits(args, size)
-    classifier = AIMImageClassifier(
+    classifier = families.classifier_class(backbone)(
         backbone, val_set.num_classes, args.probe_layers
     )
     if args.init_probe:
@@ -73,11 +75,11 @@ def finetune(args, callbacks, training) -> int:
     train = data.classification_dataset(
         train_set.images, train_set.labels, training.micro_batch_size, size, training=True,
         augmentation=augmentation, seed=args.seed, num_classes=train_set.num_classes,
-        drop_remainder=training.multi_host,
+        converter=converter, drop_remainder=training.multi_host,
     )
     val = data.classification_dataset(
         val_set.images, val_set.labels, 256, size, training=False,
-        num_classes=val_set.num_classes,
+        num_classes=val_set.num_classes, converter=converter,
     )
     trunk_params = backbone.count_params()
     backbone.enable_lora(args.rank)

@@ -35,9 +35,11 @@ from recipes.common import (
     add_distribution_arguments,
     add_verbosity_argument,
     build_pretrainer,
+    claim_run_folder,
     fit_logging,
+    positive_int,
     quiet,
-    report_error,
+    run_reporting_errors,
     setup_distribution,
 )
 from recipes.configs import NAMES, load
@@ -49,9 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, help="override total_steps")
-    parser.add_argument("--batch-size", type=int, help="override batch_size")
-    parser.add_argument("--checkpoint-every", type=int, help="override")
+    parser.add_argument("--steps", type=positive_int, help="override total_steps")
+    parser.add_argument("--batch-size", type=positive_int, help="override batch_size")
+    parser.add_argument("--checkpoint-every", type=positive_int, help="override")
     parser.add_argument(
         "--data", help="digits | tfds:NAME[:SPLIT] | folder:PATH (override)"
     )
@@ -78,7 +80,8 @@ def validate(config: dict, mesh, accumulate: int = 1) -> None:
 
 
 def image_source(spec: str, seed: int):
-    """uint8 images from a data spec (see --data): an array or a dataset."""
+    """uint8 images from a data spec (see --data): an array, or a dataset
+    of images of any size (labels, where the data has them, are dropped)."""
     from keras_aim.data.sources import labeled_images
 
     images = labeled_images(spec, "train", seed)
@@ -117,9 +120,20 @@ def export_trunk(backbone, training, path: str) -> None:
         backbone.save_to_preset(staging)
 
 
-def main(argv=None) -> int:
+def main(argv=None, callbacks=()) -> int:
+    """Runs the recipe; `callbacks` are added to every `fit` (Keras
+    callbacks: e.g. to watch or stop the run)."""
     args = parse_args(argv)
     quiet(args)
+    return run_reporting_errors(args, lambda: pretrain(args, list(callbacks)))
+
+
+def pretrain(args, extra_callbacks: list) -> int:
+    import keras
+
+    # Fresh Keras state: variable paths (the checkpoint's keys) restart
+    # their numbering, also when a process runs the recipe twice.
+    keras.backend.clear_session()
     config = load(args.config)
     for key in ("steps", "batch_size", "checkpoint_every", "data"):
         value = getattr(args, key)
@@ -129,13 +143,9 @@ def main(argv=None) -> int:
     from keras_aim.training.distribution import parse_mesh
 
     validate(config, parse_mesh(args.mesh), args.accumulate)
-    try:
-        training = setup_distribution(
-            args, config["batch_size"], settings=checkpoint_config(config, args)
-        )
-    except (ValueError, RuntimeError) as error:
-        # RuntimeError: DistributionUnavailableError, an unreachable coordinator.
-        return report_error(args, error)
+    training = setup_distribution(
+        args, config["batch_size"], settings=checkpoint_config(config, args)
+    )
     # With --accumulate N, fit sees N micro-batches per optimizer update;
     # steps and checkpoints count updates, the learning-rate schedule counts
     # micro-batches (as Keras' optimizer does).
@@ -147,19 +157,26 @@ def main(argv=None) -> int:
         say(f"mesh {training.mesh}: {micro_batch // training.mesh.batch} "
             "images per batch-axis device per step", flush=True)
 
-    import keras
-
     from keras_aim import data
     from keras_aim.training.checkpointing import TrainingCheckpoints
     from keras_aim.utils.remote_paths import join
 
+    if training.is_primary or args.resume:
+        # One process writes the run's marker; with --resume every one checks it.
+        claim_run_folder(args.workdir, "pretrain", args.resume)
     checkpoints = TrainingCheckpoints(
         join(args.workdir, "checkpoints"), config=checkpoint_config(config, args), log=say
     )
-    if checkpoints.latest_step is not None and not args.resume:
-        raise SystemExit(
-            f"error: {args.workdir} already has checkpoints; pass --resume to "
+    existing = checkpoints.latest_step is not None
+    if existing and not args.resume:
+        raise ValueError(
+            f"{args.workdir} already has checkpoints; pass --resume to "
             "continue that run, or choose another --workdir."
+        )
+    if args.resume and not existing:
+        raise ValueError(
+            f"Nothing to resume in {args.workdir}: it holds no checkpoint. "
+            "Check the path, or drop --resume to start a new run."
         )
     keras.mixed_precision.set_global_policy(config["precision"])
     keras.utils.set_random_seed(args.seed)
@@ -187,7 +204,8 @@ def main(argv=None) -> int:
             keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
             keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
             *progress,
-        ] if training.is_primary else []
+            *extra_callbacks,
+        ] if training.is_primary else list(extra_callbacks)
         log = progress[0].bar.write if progress else say
         start = time.perf_counter()
         try:

@@ -66,12 +66,35 @@ def fixture_path(name: str) -> str:
     return str(FIXTURES / name)
 
 
+MULTI_DEVICE_COUNT = 8
+
+
+def pytest_collection_modifyitems(config, items):
+    """The multi-device pass (`-m multi_device`) fails when it finds fewer
+    than 8 devices instead of skipping every test: a lost XLA flag must not
+    turn the pass green. (Elsewhere those tests skip themselves.)"""
+    expression = (config.option.markexpr or "").replace(" ", "")
+    if expression != "multi_device" or not items:
+        return
+    found = 0
+    if keras.config.backend() == "jax":
+        found = len(keras.distribution.list_devices("cpu"))
+    if found < MULTI_DEVICE_COUNT:
+        raise pytest.UsageError(
+            f"The multi-device pass needs {MULTI_DEVICE_COUNT} devices and found "
+            f"{found} (backend {keras.config.backend()}): run it with "
+            "KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{MULTI_DEVICE_COUNT} (tests/run_all_backends.sh does)."
+        )
+
+
 @pytest.fixture(autouse=True)
 def no_network_and_private_cache(tmp_path_factory, monkeypatch):
     """Tests never reach the internet nor the user's cache: the release URL
     points at a closed local port and KERAS_AIM_HOME at a temp folder."""
     monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path_factory.mktemp("aim_home")))
     monkeypatch.setenv("KERAS_AIM_BASE_URL", "http://127.0.0.1:9/")
+    monkeypatch.setenv("KERAS_AIM_HUB_URL", "http://127.0.0.1:9/")  # AIMv2 releases
     monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
 
 
@@ -123,3 +146,102 @@ def tiny_classifier():
         head_file=fixture_path("head.pth"),
     )
     return classifier
+
+
+def fixed_prefix_lengths(model, batch_size: int) -> np.ndarray:
+    """Seeded prefix lengths `(B,)` in [1, N-1] for `fixed_prefix_loss_terms`."""
+    num_patches = model.backbone.num_patches
+    return np.random.RandomState(0).randint(1, num_patches, batch_size).astype("int32")
+
+
+def fixed_prefix_loss_terms(model, images, prefix_lengths):
+    """`(error sum, target count)` of an `AIMPretrainer`'s loss with the
+    given prefix lengths instead of random draws (its trunk, pixel head and
+    loss, called part by part), so that two ways of computing it see the
+    same problem."""
+    from keras_aim.layers import prefix_causal_mask
+    from keras_aim.training.losses import next_patch_pixel_loss_terms
+
+    mask = prefix_causal_mask(prefix_lengths, model.backbone.num_patches)
+    tokens = model.backbone.encode(images, attention_mask=mask)
+    predictions = model.pixel_head(tokens, grid=model.grid)
+    return next_patch_pixel_loss_terms(
+        images, predictions, prefix_lengths, model.backbone.patch_size
+    )
+
+
+def loss_and_gradients(model, images):
+    """`(loss, [gradient per trainable variable])` of a compiled
+    `AIMPretrainer` on `images` with `fixed_prefix_lengths`, from the
+    backend's own autodiff (JAX `value_and_grad`, TensorFlow
+    `GradientTape`, PyTorch `backward`), as NumPy."""
+    lengths = keras.ops.convert_to_tensor(fixed_prefix_lengths(model, len(images)))
+    images = keras.ops.convert_to_tensor(images)
+
+    def loss():
+        error, count = fixed_prefix_loss_terms(model, images, lengths)
+        return error / count
+
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        frozen = [(v, v.value) for v in model.non_trainable_variables]
+
+        def loss_of(trainable):
+            mapping = list(zip(model.trainable_variables, trainable)) + frozen
+            with keras.StatelessScope(state_mapping=mapping):
+                return loss()
+
+        step = jax.jit(jax.value_and_grad(loss_of))  # compiled: op by op is slow
+        value, gradients = step([v.value for v in model.trainable_variables])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                value = loss()
+            return value, tape.gradient(value, model.trainable_variables)
+
+        value, gradients = step()
+    else:
+        for variable in model.trainable_variables:
+            variable.value.grad = None
+        value = loss()
+        value.backward()
+        gradients = [variable.value.grad for variable in model.trainable_variables]
+    return float(to_numpy(value)), [to_numpy(g) for g in gradients]
+
+
+def training_record(model, images, steps=3, scope=None) -> dict:
+    """What training a compiled `AIMPretrainer` on `images` does, inside
+    `scope()` if given: its loss and gradients (computed directly), then
+    the losses of `steps` optimizer steps and the weights after them."""
+    import contextlib
+
+    with (scope or contextlib.nullcontext)():
+        loss, gradients = loss_and_gradients(model, images)
+        losses = [float(model.train_on_batch(images)) for _ in range(steps)]
+    return {
+        "loss": loss,
+        "gradients": dict(zip([v.path for v in model.trainable_variables], gradients)),
+        "step_losses": losses,
+        "weights": {w.path: to_numpy(w) for w in model.weights},
+    }
+
+
+def assert_same_training(expected: dict, got: dict, rtol=1e-5, atol=1e-6) -> None:
+    """Two `training_record`s of the same model trained two ways (e.g. with
+    and without remat, on one device or a mesh) agree: loss, every
+    gradient, the loss of every step and the final weights. (A first AdamW
+    step alone is about lr * sign(gradient) and would hide most errors.)"""
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=rtol)
+    assert list(got["gradients"]) == list(expected["gradients"])
+    for path, gradient in expected["gradients"].items():
+        scale = float(np.abs(gradient).max()) or 1.0
+        np.testing.assert_allclose(got["gradients"][path], gradient, rtol=rtol,
+                                   atol=atol * scale, err_msg=path)
+    np.testing.assert_allclose(got["step_losses"], expected["step_losses"], rtol=rtol)
+    for path, weight in expected["weights"].items():
+        np.testing.assert_allclose(got["weights"][path], weight, atol=1e-5, err_msg=path)

@@ -1,7 +1,7 @@
-"""One pre-training step, with gradient clipping, under
-tf.distribute.MirroredStrategy on 2 logical CPU devices and on one device;
-prints both losses, the largest weight difference and the gradient norm as
-JSON. Run in its own process (TensorFlow backend): the CPU
+"""Pre-training under tf.distribute.MirroredStrategy on 2 logical CPU
+devices and on one device: the loss and gradients (computed directly), the
+losses of three optimizer steps and the weights after them, as JSON (the
+largest differences). Run in its own process (TensorFlow backend): the CPU
 must be split before TensorFlow starts."""
 
 import json
@@ -20,43 +20,85 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_aim  # noqa: E402
-from tests.conftest import make_tiny_backbone  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    fixed_prefix_lengths,
+    fixed_prefix_loss_terms,
+    loss_and_gradients,
+    make_tiny_backbone,
+)
+
+STEPS = 3
+CLIP = 0.05
 
 
-def one_step(images, initial=None):
-    pretrainer = keras_aim.AIMPretrainer(
+def pretrainer(initial=None):
+    model = keras_aim.AIMPretrainer(
         make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0
     )
-    # A small clipping norm, so that clipping changes the step: it applies to
-    # the gradient summed over the replicas, as on one device.
-    pretrainer.compile(
+    # A small clipping norm, so that clipping changes every step: it applies
+    # to the gradient summed over the replicas, as on one device.
+    model.compile(
         optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=CLIP)
     )
     if initial is not None:
-        pretrainer.set_weights(initial)
-    before = [keras.ops.convert_to_numpy(w) for w in pretrainer.weights]
-    loss = float(pretrainer.train_on_batch(images))
-    return before, loss, [keras.ops.convert_to_numpy(w) for w in pretrainer.weights]
+        model.set_weights(initial)
+    return model
 
 
-CLIP = 0.05
+def mirrored_loss_and_gradients(strategy, model, images):
+    """Each replica's loss and gradients on its half of the batch (the loss
+    divides by the global target count), summed over the replicas."""
+    lengths = fixed_prefix_lengths(model, len(images))
+    batch = next(iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((images, lengths)).batch(len(images)))))
+
+    @tf.function
+    def step(batch):
+        def replica(x, n):
+            with tf.GradientTape() as tape:
+                error, count = fixed_prefix_loss_terms(model, x, n)
+                loss = error / distribution_tf.sum_over_replicas(count)
+            return loss, tape.gradient(loss, model.trainable_variables)
+
+        losses, gradients = strategy.run(replica, args=batch)
+        total = strategy.reduce("SUM", losses, axis=None)
+        return total, [strategy.reduce("SUM", g, axis=None) for g in gradients]
+
+    loss, gradients = step(batch)
+    return float(loss), [g.numpy() for g in gradients]
+
+
+def train(model, images):
+    losses = [float(model.train_on_batch(images)) for _ in range(STEPS)]
+    return losses, [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+
+def largest_difference(a, b, relative=False):
+    return max(
+        float(np.max(np.abs(x - y)) / ((np.max(np.abs(x)) or 1.0) if relative else 1.0))
+        for x, y in zip(a, b)
+    )
+
+
 images = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype("float32")
-initial, single_loss, single_after = one_step(images)
+single = pretrainer()
+initial = single.get_weights()
+single_loss, single_gradients = loss_and_gradients(single, images)
+single_losses, single_weights = train(single, images)
 strategy = distribution_tf.mirrored_strategy(2)
 with strategy.scope():
-    _, mirrored_loss, mirrored_after = one_step(images, initial)
-probe = keras_aim.AIMPretrainer(make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0)
-probe.set_weights(initial)
-with tf.GradientTape() as tape:
-    loss = probe.compute_loss(images, None, probe(images, training=True))
-gradient_norm = float(tf.linalg.global_norm(tape.gradient(loss, probe.trainable_variables)))
+    mirrored = pretrainer(initial)
+    mirrored_loss, mirrored_gradients = mirrored_loss_and_gradients(strategy, mirrored, images)
+    mirrored_losses, mirrored_weights = train(mirrored, images)
 print(json.dumps({
     "replicas": strategy.num_replicas_in_sync,
     "clip": CLIP,
-    "gradient_norm": gradient_norm,
+    "gradient_norm": float(np.sqrt(sum(np.sum(g ** 2) for g in single_gradients))),
     "single_loss": single_loss,
     "mirrored_loss": mirrored_loss,
-    "max_weight_difference": max(
-        float(np.max(np.abs(a - b))) for a, b in zip(single_after, mirrored_after)
-    ),
+    "max_relative_gradient_difference": largest_difference(
+        single_gradients, mirrored_gradients, relative=True),
+    "single_step_losses": single_losses,
+    "mirrored_step_losses": mirrored_losses,
+    "max_weight_difference": largest_difference(single_weights, mirrored_weights),
 }))

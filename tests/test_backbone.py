@@ -2,6 +2,7 @@
 presets and saving."""
 
 import os
+import shutil
 
 import keras
 import keras_hub
@@ -280,3 +281,52 @@ def test_extract_features_at_two_sizes(tiny_backbone, reference):
         tiny_backbone.extract_features(np.zeros((1, 36, 32, 3), "float32"))
     with pytest.raises(ValueError, match="pooling must be None or 'mean'"):
         tiny_backbone.extract_features(images, pooling="max")
+
+
+# --- Local preset folders: one clear error per problem ------------------------
+
+
+def damaged_copy(source, target, change):
+    shutil.copytree(source, target)
+    change(target)
+    return str(target)
+
+
+def test_damaged_or_incomplete_preset_folders_are_named(tiny_backbone, tmp_path):
+    good = tmp_path / "good"
+    tiny_backbone.save_to_preset(str(good))
+    cases = {
+        "config.json' is damaged (not valid JSON": damaged_copy(
+            good, tmp_path / "cut_config",
+            lambda p: open(p / "config.json", "r+").truncate(50)),
+        "model.weights.h5' is damaged": damaged_copy(
+            good, tmp_path / "cut_weights",
+            lambda p: open(p / "model.weights.h5", "r+").truncate(5000)),
+        "has config.json but no weights (model.weights.h5): it is incomplete": damaged_copy(
+            good, tmp_path / "config_only", lambda p: os.remove(p / "model.weights.h5")),
+        "is not a preset folder: it has no config.json (it holds metadata.json": damaged_copy(
+            good, tmp_path / "no_config", lambda p: os.remove(p / "config.json")),
+        "does not exist. Pass a released preset name": str(tmp_path / "nowhere"),
+    }
+    for problem, folder in cases.items():
+        for load in (keras_aim.AIMBackbone.from_preset, keras_aim.AIMImageClassifier.from_preset):
+            with pytest.raises((ValueError, FileNotFoundError)) as info:
+                load(folder)
+            message = str(info.value)
+            assert problem in message and folder in message, (load, message)
+            assert "bert_base_en" not in message
+
+
+def test_trunk_preset_given_to_the_classifier(tiny_backbone, tmp_path):
+    tiny_backbone.save_to_preset(str(tmp_path / "trunk"))
+    with pytest.raises(ValueError, match="holds a trunk \\(no task.json\\), not a "
+                       "classifier. Pass num_classes=N"):
+        keras_aim.AIMImageClassifier.from_preset(str(tmp_path / "trunk"))
+    classifier = keras_aim.AIMImageClassifier.from_preset(
+        str(tmp_path / "trunk"), num_classes=3, probe_layers=(2, 3)
+    )
+    assert classifier.num_classes == 3 and classifier.preprocessor is None
+    np.testing.assert_array_equal(
+        to_numpy(classifier.backbone.blocks[1].mlp.fc1.kernel),
+        to_numpy(tiny_backbone.blocks[1].mlp.fc1.kernel),
+    )

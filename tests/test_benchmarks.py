@@ -154,11 +154,22 @@ def test_keras_worker_measures_this_backend(monkeypatch, capsys):
     assert len(result["train"]) == 1 and result["train"][0] > 0
     assert result["train_peak"] >= result["inference_peak"] > 0
 
-    config = throughput.resolve_config(throughput.parse_args(TINY_ARGS))
-    rows = throughput.table_rows({target: [result]}, config, rate=1e9, peak=None)
+    case = throughput.parse_case("cpu", throughput.parse_args(TINY_ARGS))
+    rows = throughput.table_rows({(target, "float32"): [result]}, case, _rates(1e9))
     assert [(r["target"], r["mode"]) for r in rows] == [(target, "inference"), (target, "train")]
     table = throughput.format_table(rows, markdown=True)
     assert table.count("\n") == 3 and target in table
+
+
+def _rates(square, **gemm):
+    """Matmul rates in `best_rates`' form: JAX and PyTorch at `square` on
+    the 2048^3 product, and `gemm` = {framework: {key: rate}}."""
+    rates = {f: {"float32": {"square": square}} for f in ("jax", "torch")}
+    for framework, values in gemm.items():
+        for key, rate in values.items():
+            dtype, _, key = key.rpartition("|")
+            rates.setdefault(framework, {}).setdefault(dtype or "float32", {})[key] = rate
+    return rates
 
 
 def test_table_reports_the_fastest_process_and_the_range(monkeypatch):
@@ -166,23 +177,141 @@ def test_table_reports_the_fastest_process_and_the_range(monkeypatch):
     the fastest process (the ratio to PyTorch eager too), the range spans
     the slowest and the fastest, the median over processes is kept."""
     throughput = _throughput_module(monkeypatch)
-    config = throughput.resolve_config(throughput.parse_args(TINY_ARGS))  # batch 2
+    case = throughput.parse_case("cpu", throughput.parse_args(TINY_ARGS))  # batch 2
 
     def process(*seconds):
         return {"inference": list(seconds), "inference_peak": 1e9}
 
-    results = {"keras-jax": [process(0.1, 0.1, 0.9), process(0.4, 0.4), process(0.2, 0.2)],
-               "torch-eager": [process(0.25), process(0.5), process(0.8)]}
-    rows = throughput.table_rows(results, config, rate=1e9, peak=None)
+    results = {("keras-jax", "float32"): [process(0.1, 0.1, 0.9), process(0.4, 0.4),
+                                          process(0.2, 0.2)],
+               ("torch-eager", "float32"): [process(0.25), process(0.5), process(0.8)]}
+    rows = throughput.table_rows(results, case, _rates(1e9))
     jax_row = rows[0]
-    flops = throughput.step_flops(config)["inference"]
+    flops = throughput.step_flops(case["config"])["inference"]
     assert jax_row["processes"] == 3
     assert jax_row["images_per_s"] == pytest.approx(2 / 0.1)  # 0.9 is one slow run
     assert jax_row["of_matmul"] == pytest.approx(2 / 0.1 * flops / 1e9)
     assert jax_row["of_matmul_min"] == pytest.approx(2 / 0.4 * flops / 1e9)
     assert jax_row["of_matmul_median"] == pytest.approx(2 / 0.2 * flops / 1e9)
     assert jax_row["vs_torch_eager"] == pytest.approx(2.5)
-    assert throughput.format_table(rows).splitlines()[1].split()[6].count("-") == 1
+    assert jax_row["of_own_gemm"] is None and jax_row["vs_float32"] is None
+    assert throughput.format_table(rows).splitlines()[1].split()[9].count("-") == 1  # the range
+
+
+def test_rows_compare_with_the_own_gemm_rate_same_dtype_eager_and_float32(monkeypatch):
+    """Each row is set against its framework's rate on the case's GEMMs in
+    its compute dtype, PyTorch eager in the same dtype and the same target
+    in float32; the machine's rate is the fastest of JAX and PyTorch."""
+    throughput = _throughput_module(monkeypatch)
+    args = throughput.parse_args(TINY_ARGS)
+    case = throughput.parse_case("cpu/inference/float32,mixed_bfloat16", args)
+    key = f"{case['label']}/inference"
+    rates = _rates(1e9, jax={key: 5e8, f"bfloat16|{key}": 2e9},
+                   torch={key: 4e8, f"bfloat16|{key}": 8e9},
+                   tensorflow={"square": 9e9})
+    rates["torch"]["float32"]["square"] = 2e9
+    assert throughput.machine_rate(rates) == 2e9  # TensorFlow's 9e9 is not a yardstick
+
+    def process(seconds):
+        return [{"inference": [seconds], "inference_peak": 1e9}]
+
+    results = {("keras-jax", "float32"): process(0.2), ("keras-jax", "mixed_bfloat16"):
+               process(0.1), ("torch-eager", "float32"): process(0.4),
+               ("torch-eager", "mixed_bfloat16"): process(0.05)}
+    rows = {(r["target"], r["dtype"]): r for r in throughput.table_rows(results, case, rates)}
+    flops = throughput.step_flops(case["config"])["inference"] * 2  # batch 2
+    jax32, jax16 = rows["keras-jax", "float32"], rows["keras-jax", "mixed_bfloat16"]
+    assert jax32["of_matmul"] == pytest.approx(flops / 0.2 / 2e9)
+    assert jax32["of_own_gemm"] == pytest.approx(flops / 0.2 / 5e8)
+    assert jax16["of_own_gemm"] == pytest.approx(flops / 0.1 / 2e9)
+    assert jax32["vs_torch_eager"] == pytest.approx(2.0)
+    assert jax16["vs_torch_eager"] == pytest.approx(0.5)
+    assert jax16["vs_float32"] == pytest.approx(2.0) and jax32["vs_float32"] is None
+    assert rows["torch-eager", "mixed_bfloat16"]["of_own_gemm"] == pytest.approx(
+        flops / 0.05 / 8e9)
+
+
+def test_best_rates_keep_the_highest_reading(monkeypatch):
+    throughput = _throughput_module(monkeypatch)
+    readings = {"jax": [{"float32": {"square": 3.0, "a/inference": 2.0}},
+                        {"float32": {"square": 4.0, "a/inference": 1.0}}],
+                "torch": [{"float32": {"square": 5.0}, "bfloat16": {"square": 9.0}}]}
+    rates = throughput.best_rates(readings)
+    assert rates == {"jax": {"float32": {"square": 4.0, "a/inference": 2.0}},
+                     "torch": {"float32": {"square": 5.0}, "bfloat16": {"square": 9.0}}}
+    assert throughput.machine_rate(rates) == 5.0
+    assert throughput.machine_rate({"tensorflow": {"float32": {"square": 1.0}}}) is None
+
+
+def test_cpu_features_come_from_the_flags_line(monkeypatch):
+    throughput = _throughput_module(monkeypatch)
+    cpuinfo = ("processor\t: 0\nmodel name\t: Some CPU\n"
+               "flags\t\t: fpu sse2 avx2 avx512f avx512bw amx_tile\n"
+               "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16 amx_bf16\n")
+    assert throughput.cpu_features(cpuinfo) == {
+        "AVX2": True, "AVX-512": True, "AVX512_BF16": False, "AMX-BF16": False,
+        "AMX-TILE": True}
+    assert throughput.describe_cpu(cpuinfo) == (
+        "CPU flags: AVX2 yes, AVX-512 yes, AVX512_BF16 no, AMX-BF16 no, AMX-TILE yes")
+    assert throughput.cpu_features("processor\t: 0\n") == {}
+    assert "not readable" in throughput.describe_cpu("")
+
+
+def test_gemm_shapes_carry_the_counted_flops(monkeypatch):
+    """The GEMMs of inference are the trunk's counted FLOPs; those of a
+    training step are 3x trunk + pixel head (each product's two backward
+    products have its FLOPs)."""
+    throughput = _throughput_module(monkeypatch)
+    config = dict(image_size=28, patch_size=14, hidden_dim=8, num_layers=2, num_heads=2,
+                  head_width=4, head_depth=1, batch_size=3)
+    flops = throughput.forward_flops(config)
+
+    def total(shapes):
+        return sum(2 * m * k * n * count for (m, k, n), count in shapes.items())
+
+    inference = throughput.gemm_shapes(config, "inference")
+    assert inference == {(12, 588, 8): 1, (12, 8, 24): 2, (12, 8, 8): 2, (12, 8, 32): 2,
+                         (12, 32, 8): 2}
+    assert total(inference) == 3 * flops["trunk"]
+    train = throughput.gemm_shapes(config, "train")
+    assert total(train) == 3 * 3 * (flops["trunk"] + flops["pixel_head"])
+    assert train[(8, 12, 32)] == 2  # fc1's weight gradient, one per block
+    assert throughput.combined_rate({(1, 1, 1): 1.0, (2, 2, 2): 2.0},
+                                    {(1, 1, 1): 2, (2, 2, 2): 1}) == pytest.approx(20 / 4)
+
+
+def test_cases_name_size_batch_modes_and_dtypes(monkeypatch):
+    throughput = _throughput_module(monkeypatch)
+    args = throughput.parse_args(["--dtype", "float32", "bfloat16", "--hidden-dim", "64"])
+    case = throughput.parse_case("aim_600m_6blocks@2/float32/train", args)
+    assert case["label"] == "aim_600m_6blocks b2" and case["modes"] == ["train"]
+    assert case["dtypes"] == ["float32"] and case["config"]["num_layers"] == 6
+    assert case["config"]["hidden_dim"] == 64 and case["config"]["batch_size"] == 2
+    default = throughput.parse_case("cpu", args)
+    assert default["modes"] == ["inference", "train"]
+    assert default["dtypes"] == ["float32", "bfloat16"]
+    for wrong in ("nothing", "cpu/inference,float32", "cpu/fast"):
+        with pytest.raises(ValueError):
+            throughput.parse_case(wrong, args)
+    plan = throughput.matmul_plan([case, default])
+    assert plan["dtypes"] == ["float32", "bfloat16"]
+    assert sorted(plan["sets"]) == ["aim_600m_6blocks b2/train", "cpu b8/inference",
+                                    "cpu b8/train"]
+
+
+def test_matmul_worker_measures_its_framework(monkeypatch):
+    """The yardstick's worker times the square product and each named set of
+    GEMM shapes in every dtype asked (small sizes here; no timing asserted)."""
+    throughput = _throughput_module(monkeypatch)
+    monkeypatch.setattr(throughput, "SQUARE", 64)
+    framework = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[
+        keras.config.backend()]
+    sets = {"a/inference": {(16, 8, 24): 2, (16, 24, 8): 1}}
+    rates = throughput.matmul_rates(framework, ["float32", "bfloat16"], sets)
+    assert sorted(rates) == ["bfloat16", "float32"]
+    for values in rates.values():
+        assert sorted(values) == ["a/inference", "square"]
+        assert all(rate > 0 for rate in values.values())
 
 
 def test_counts_below_one_are_refused(monkeypatch, capsys):

@@ -173,3 +173,72 @@ def test_from_preset_unknown_name_and_unreachable_server(monkeypatch):
     with pytest.raises(DownloadError, match="aim_600m_2bimgs_attnprobe_backbone"
                        r".*after 5 attempts.*run again to resume"):
         keras_aim.AIMImageClassifier.from_preset("aim_600m")  # no server here
+
+
+# --- What predict takes: empty batches, memory, scale --------------------------
+
+
+def with_preprocessor():
+    converter = keras_aim.AIMImageConverter(image_size=(32, 32))
+    return make_tiny_classifier(keras_aim.AIMImageClassifierPreprocessor(converter))
+
+
+def test_predict_on_no_images_says_so():
+    for model in (make_tiny_backbone(), with_preprocessor()):
+        with pytest.raises(ValueError, match=f"{type(model).__name__}.predict received "
+                           r"no images \(a batch of shape \(0, 32, 32, 3\)\)"):
+            model.predict(np.zeros((0, 32, 32, 3), "float32"), verbose=0)
+
+
+def allocation_failure():
+    """The error each backend raises when an allocation fails (as seen on a
+    CPU host; JAX's is produced for real in the test)."""
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.errors.ResourceExhaustedError(
+            None, None, "Graph execution error: OOM when allocating tensor with shape")
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                        "can't allocate memory: you tried to allocate 51682213888 bytes.")
+
+
+def test_batch_too_large_for_memory_says_so(monkeypatch):
+    backbone = make_tiny_backbone(image_shape=(None, None, 3))
+    images = np.zeros((64, 512, 512, 3), "float32")
+    if keras.config.backend() != "jax":
+        # JAX fails for real (one block's attention needs 51 GB, far more
+        # than any test machine has: refused at once); the others get their
+        # backend's allocator error.
+        error = allocation_failure()
+        monkeypatch.setattr(keras.Model, "predict", lambda *a, **k: (_ for _ in ()).throw(error))
+    with pytest.raises(MemoryError, match=r"AIMBackbone.predict ran out of memory on batches "
+                       r"of 64 images of shape \(512, 512, 3\). Pass a smaller batch_size "
+                       r"\(now 64\)"):
+        backbone.predict(images, batch_size=64, verbose=0)
+
+
+def test_images_on_the_wrong_scale_are_warned_about_once(monkeypatch):
+    import warnings
+
+    from keras_aim.utils import image_inputs
+
+    monkeypatch.setattr(image_inputs, "_warned", set())
+    rng = np.random.RandomState(0)
+    classifier, backbone = with_preprocessor(), make_tiny_backbone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        classifier.predict((rng.rand(2, 40, 40, 3) * 255).astype("uint8"), verbose=0)
+        backbone(rng.randn(2, 32, 32, 3).astype("float32"))
+    assert not [w for w in caught if "keras_aim" in str(w.filename) or "scale" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # once only
+            classifier.predict(rng.rand(2, 40, 40, 3).astype("float32"), verbose=0)
+            backbone(rng.randint(0, 256, (2, 32, 32, 3)).astype("uint8"))
+        classifier.predict(rng.randn(2, 40, 40, 3).astype("float32"), verbose=0)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)
+                and "AIM" in str(w.message)]
+    assert len(messages) == 3, messages
+    assert "they look scaled to [0, 1]. Multiply them by 255" in messages[0]
+    assert "AIMBackbone takes ImageNet-normalized float images, but received" in messages[1]
+    assert "they look normalized already" in messages[2]

@@ -9,6 +9,7 @@ from PIL import Image
 
 import keras_aim
 from keras_aim import cli
+from keras_aim.data.images import read_image
 from tests.tiny_release import FILES, NAME
 
 
@@ -24,6 +25,9 @@ def test_info_lists_every_preset(capsys):
         line = next(l for l in out.splitlines() if l.startswith(name))
         assert params in line
     assert "84.0 / 82.4" in out
+    # Only 8-hex prefixes are recorded for Apple's files: said, not hidden.
+    assert ("Checksums of aim_600m, aim_1b, aim_3b, aim_7b: SHA-256 prefix "
+            "(32 bits) (all that is recorded") in out
 
 
 def test_no_command_prints_help_and_fails(capsys):
@@ -62,7 +66,7 @@ def test_classify_prints_top_k_and_reports_bad_files(release, tmp_path, capsys):
     assert lines[1].strip().startswith("1. class ")
     # Same top class as the classifier on the same preprocessed image.
     classifier = keras_aim.AIMImageClassifier.from_preset(NAME, probe_layers="last")
-    image = cli.read_image(jpeg)
+    image = read_image(jpeg)
     logits = classifier.predict(image[None], verbose=0)
     assert lines[1].split()[2] == str(int(np.argmax(logits)))
 
@@ -103,7 +107,70 @@ def test_features_command_at_two_sizes(release, tmp_path, capsys):
     assert cli.main(["features", jpeg, "--preset", NAME, "--out", str(pooled),
                      "--image-size", "32"]) == 0
     assert np.load(pooled)["features"].shape == (1, 64)
-    # Not a multiple of the patch: the foundation's error.
-    with pytest.raises(ValueError, match="nearest valid sizes: 32 or 40"):
-        cli.main(["features", jpeg, "--preset", NAME, "--out", str(pooled),
-                  "--image-size", "36"])
+    # Not a multiple of the patch: the foundation's error, as one line.
+    assert cli.main(["features", jpeg, "--preset", NAME, "--out", str(pooled),
+                     "--image-size", "36"]) == 1
+    err = capsys.readouterr().err
+    assert "nearest valid sizes: 32 or 40" in err and "Traceback" not in err
+
+
+def test_features_output_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    """A bad --out fails at once (no model loaded, no image read) and
+    leaves nothing behind; it used to fail after computing everything."""
+    from keras_aim.models.aim import aim_backbone
+
+    monkeypatch.setattr(aim_backbone.AIMBackbone, "from_preset",
+                        classmethod(lambda *a, **k: pytest.fail("loaded a model")))
+    (tmp_path / "folder").mkdir()
+    for out, problem in ((tmp_path / "x", "name an .npz file, e.g. "),
+                         (tmp_path / "folder", "name an .npz file"),
+                         (tmp_path / "folder.npz", None)):
+        if problem is None:
+            (tmp_path / "folder.npz").mkdir()
+            problem = "is a folder; name an .npz file inside it"
+        assert cli.main(["features", "any.jpg", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and problem in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "folder.npz"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["features", "any.jpg", "--out", str(tmp_path / "f.npz"), "--blocks", "2,x"])
+    assert info.value.code == 2
+    assert "comma-separated block indices like 14,15; got '2,x'" in capsys.readouterr().err
+
+
+def test_every_command_error_is_one_line_with_exit_code_1(tmp_path, capsys, monkeypatch):
+    """Errors of any type, from any command: `error: ...`, exit code 1, and
+    the traceback only with --verbose."""
+    import keras_aim.export
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "1"))
+
+    monkeypatch.setattr(keras_aim.export, "resolve_version", refuse)
+    command = ["export", "--model", "m.keras", "--out", str(tmp_path / "ro")]
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / '1'}'\n"
+    assert cli.main(["--verbose", *command]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["features", "a.jpg", "--out", str(tmp_path / "f.npz"),
+                     "--preset", "aim_60m"]) == 1
+    assert capsys.readouterr().err.startswith("error: Unknown preset 'aim_60m'.")
+
+
+@pytest.mark.parametrize(
+    "options,problem",
+    [
+        (["--model", "m.keras", "--backbone"], "--backbone exports a preset's trunk"),
+        (["--model", "m.keras", "--probe", "best"], "not with --model"),
+        (["--preset", "aim_600m", "--backbone", "--probe", "best"], "not with --backbone"),
+        (["--preset", "aim_600m", "--backbone", "--top-k", "3"], "--top-k applies to classifiers"),
+    ],
+)
+def test_contradictory_export_options_are_refused(options, problem, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["export", *options, "--out", str(tmp_path / "served")])
+    assert info.value.code == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "served").exists()

@@ -1,5 +1,8 @@
 """load_official_weights: strict, all-or-nothing, clear errors."""
 
+import struct
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -210,3 +213,120 @@ def test_pickle_with_foreign_globals_is_refused(tmp_path):
         archive.writestr("evil/data.pkl", pickle.dumps({"x": print}))
     with pytest.raises(WeightLoadingError, match="builtins.print is not allowed"):
         keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=str(path))
+
+
+# --- Damaged and hostile files: refused before any variable changes --------
+
+
+def _pickled_str(text):
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _pickled_ints(values):
+    return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values) + b"t"
+
+
+def write_pth(path, tensors, storages):
+    """A `torch.save`-style zip written by hand, so that its declared shapes,
+    strides and offsets can lie: `tensors` maps key -> (storage key, storage
+    class, offset, shape, stride); `storages` maps storage key -> bytes."""
+    pickled = b"\x80\x02}("
+    for key, (storage, kind, offset, shape, stride) in tensors.items():
+        pickled += _pickled_str(key) + b"ctorch._utils\n_rebuild_tensor_v2\n(("
+        pickled += _pickled_str("storage") + b"ctorch\n" + kind.encode() + b"\n"
+        pickled += _pickled_str(storage) + _pickled_str("cpu") + b"J\0\0\0\0tQ"
+        pickled += b"J" + struct.pack("<i", offset) + _pickled_ints(shape)
+        pickled += _pickled_ints(stride) + b"\x89NtR"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled + b"u.")
+        archive.writestr("archive/byteorder", "little")
+        for key, data in storages.items():
+            archive.writestr(f"archive/data/{key}", data)
+
+
+def test_hand_written_checkpoint_reads_like_torch(tmp_path):
+    from keras_aim.loading.state_dict import TorchZipReader
+
+    path = tmp_path / "views.pth"
+    write_pth(path, {"t": ("0", "FloatStorage", 1, (2, 3), (1, 2))},
+              {"0": np.arange(8, dtype="float32").tobytes()})
+    reader = TorchZipReader(str(path))
+    np.testing.assert_array_equal(reader.array("t"), [[1, 3, 5], [2, 4, 6]])
+    reader.close()
+
+
+@pytest.mark.parametrize(
+    "record,storage,problem",
+    [
+        # 6 floats declared over 4 stored: the data is shorter than the shape.
+        (("0", "FloatStorage", 0, (2, 3), (3, 1)), 16, "reaching 24 bytes"),
+        (("0", "FloatStorage", 3, (2,), (1,)), 16, "reaching 20 bytes"),  # offset
+        (("0", "FloatStorage", 0, (2, 2), (4, 1)), 16, "reaching 24 bytes"),  # strides
+        # A huge tensor over 4 bytes (read blindly, this crashed Python).
+        (("0", "FloatStorage", 0, (1 << 20, 1 << 20), (1 << 20, 1)), 4, "reaching"),
+        (("0", "FloatStorage", -4, (1,), (1,)), 16, "invalid shape"),
+        (("0", "FloatStorage", 0, (2,), (-1,)), 16, "invalid shape"),
+        (("0", "DoubleStorage", 0, (1,), (1,)), 12, "not a multiple of 8"),
+        (("7", "FloatStorage", 0, (1,), (1,)), 16, "not in the file"),
+    ],
+)
+def test_declared_sizes_are_checked_against_the_bytes_present(
+    tmp_path, record, storage, problem
+):
+    path = tmp_path / "lying.pth"
+    write_pth(path, {"trunk.post_trunk_norm.weight": record}, {"0": b"\1" * storage})
+    backbone = make_tiny_backbone()
+    before = snapshot(backbone)
+    with pytest.raises(WeightLoadingError) as info:
+        keras_aim.load_official_weights(backbone, backbone_file=str(path))
+    message = str(info.value)
+    assert str(path) in message and "'trunk.post_trunk_norm.weight'" in message
+    assert problem in message
+    assert_unchanged(backbone, before)
+
+
+def test_damaged_zip_entry_changes_no_variable(tmp_path):
+    """A bad CRC in the last block's data: found before anything is assigned
+    (it used to raise zipfile's error after earlier variables were filled)."""
+    raw = bytearray(open(fixture_path("backbone.pth"), "rb").read())
+    with zipfile.ZipFile(fixture_path("backbone.pth")) as archive:
+        key = "trunk.blocks.3.mlp.fc2.weight"
+        storage = released_state_storage(archive, key)
+        data = archive.read(storage)
+    start = raw.find(data)
+    raw[start + len(data) // 2] ^= 0xFF
+    path = tmp_path / "flipped.pth"
+    path.write_bytes(bytes(raw))
+    backbone = make_tiny_backbone()
+    before = snapshot(backbone)
+    with pytest.raises(WeightLoadingError, match=f"{path}.*damaged.*{key}.*Nothing was loaded"):
+        keras_aim.load_official_weights(backbone, backbone_file=str(path))
+    assert_unchanged(backbone, before)
+
+
+def released_state_storage(archive, key):
+    """The zip entry holding `key`'s data in a torch checkpoint."""
+    from keras_aim.loading.state_dict import TorchZipReader
+
+    reader = TorchZipReader(archive.filename)
+    try:
+        return reader._storage_name(reader._records[key])
+    finally:
+        reader.close()
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(open(fixture_path("model.safetensors"), "rb").read()[:20000])
+    with pytest.raises(WeightLoadingError, match=f"{path}.*truncated or damaged"):
+        keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=str(path))
+
+
+def test_random_file_named_pth_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "random.pth"
+    path.write_bytes(np.random.RandomState(0).bytes(4096))
+    with pytest.raises(WeightLoadingError) as info:
+        keras_aim.load_official_weights(make_tiny_backbone(), backbone_file=str(path))
+    assert "not a weights file" in str(info.value)
+    assert "weights_only" not in str(info.value)

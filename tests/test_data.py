@@ -78,9 +78,13 @@ def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
         Image.fromarray(np.full((24, 24, 3), color, np.uint8)).save(folder / "b.jpg")
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
+    # A TIFF named .png: Pillow reads it, the pipeline's decoder does not.
+    Image.fromarray(np.full((24, 24, 3), 9, np.uint8)).save(tmp_path / "cat" / "c.png", "TIFF")
     ds, classes, skipped = data.image_folder(str(tmp_path))
     assert classes == ["cat", "dog"]
-    assert [p.endswith("broken.jpg") for p in skipped] == [True]
+    assert len(skipped) == 2
+    assert skipped[0].startswith(str(tmp_path / "cat" / "c.png") + ": not a readable image")
+    assert skipped[1].startswith(str(tmp_path / "dog" / "broken.jpg") + ": not a readable image")
     items = [(image.numpy(), int(label)) for image, label in ds]
     assert sorted(label for _, label in items) == [0, 0, 1, 1]
     assert items[0][0].shape == (20, 30, 3)
@@ -88,6 +92,46 @@ def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
     assert next(iter(stream)).shape == (2, 16, 16, 3)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.image_folder(str(tmp_path / "missing"))
+
+
+def test_skipped_files_are_named_in_the_data_spec_report(tmp_path, capsys):
+    from keras_aim.data.sources import labeled_images
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "ok.png")
+    for i in range(7):
+        (tmp_path / "a" / f"bad{i}.jpg").write_bytes(b"no")
+    labeled_images(f"folder:{tmp_path}")
+    printed = capsys.readouterr().out
+    assert f"skipped 7 unreadable image file(s) in {tmp_path}:" in printed
+    for i in range(5):
+        assert str(tmp_path / "a" / f"bad{i}.jpg") in printed
+    assert "bad5.jpg" not in printed and "... and 2 more" in printed
+
+
+def test_decoding_gives_the_pixels_of_the_released_evaluation(tmp_path):
+    """8-bit files decode to exactly the pixels PIL's `convert("RGB")` gives
+    (what the released evaluation read with): JPEG with the accurate IDCT,
+    also grayscale and CMYK JPEG, palette and alpha PNG. 16-bit PNG keeps
+    the high byte (PIL would clip it to white)."""
+    from keras_aim.data.images import read_image
+
+    rng = np.random.RandomState(0)
+    rgb = rng.randint(0, 256, (30, 41, 3), dtype=np.uint8)
+    files = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb).convert("L"),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+             "palette.png": Image.fromarray(rgb).convert("P"),
+             "alpha.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+             "gif.gif": Image.fromarray(rgb)}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as stored:
+            expected = np.asarray(stored.convert("RGB"))
+        np.testing.assert_array_equal(read_image(str(tmp_path / name)), expected, err_msg=name)
+    deep = (rng.rand(12, 9) * 65535).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(read_image(str(tmp_path / "deep.png")),
+                                  np.repeat((deep >> 8)[..., None], 3, -1))
 
 
 def test_tfds_names_load_through_tensorflow_datasets():

@@ -14,7 +14,14 @@ import pytest
 import keras_aim
 from keras_aim.training import distribution
 from keras_aim.training.memory_plan import PretrainingShape, parameter_counts, plan_memory
-from tests.conftest import make_tiny_backbone, make_tiny_classifier, once_in_jax_pass, to_numpy
+from tests.conftest import (
+    assert_same_training,
+    make_tiny_backbone,
+    make_tiny_classifier,
+    once_in_jax_pass,
+    to_numpy,
+    training_record,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,21 +132,17 @@ def test_backends_without_the_mesh_raise_what_to_use_instead():
 
 def test_remat_changes_memory_not_results():
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32")
-    results = []
+    records, initial = [], None
     for remat in (False, True):
-        backbone = make_tiny_backbone(remat=remat)
+        backbone = make_tiny_backbone(remat=remat, num_layers=2)  # compiles faster
         pretrainer = keras_aim.AIMPretrainer(backbone, seed=0, **TINY_HEAD)
         assert pretrainer.pixel_head.remat is remat
-        if results:
-            pretrainer.set_weights(results[0][1])
+        if initial is None:
+            initial = pretrainer.get_weights()
+        pretrainer.set_weights(initial)
         pretrainer.compile(optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3))
-        initial = [to_numpy(w) for w in pretrainer.weights]
-        loss = float(pretrainer.train_on_batch(images))
-        results.append((loss, initial, [to_numpy(w) for w in pretrainer.weights]))
-    (loss, _, updated), (remat_loss, _, remat_updated) = results
-    np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
-    for a, b in zip(updated, remat_updated):
-        np.testing.assert_allclose(b, a, atol=1e-5)
+        records.append(training_record(pretrainer, images))
+    assert_same_training(*records)
     config = make_tiny_backbone(remat=True).get_config()
     assert config["remat"] is True and make_tiny_backbone().get_config()["remat"] is False
     restored = keras_aim.AIMBackbone.from_config(config)
@@ -229,7 +232,22 @@ def test_plan_recipe_prints_the_aim_7b_table(capsys):
 
 @pytest.mark.slow
 @once_in_jax_pass
-def test_mirrored_strategy_clipped_step_matches_a_single_device():
+def test_the_multi_device_pass_fails_without_its_devices():
+    """Without the XLA flag the pass must fail, not skip every test."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "multi_device", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_multi_device.py")],
+        cwd=ROOT, env={**env, "KERAS_BACKEND": "jax"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode != 0
+    assert "The multi-device pass needs 8 devices and found 1" in run.stdout + run.stderr
+
+
+@pytest.mark.slow
+@once_in_jax_pass
+def test_mirrored_strategy_clipped_steps_match_a_single_device():
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "mirrored_step.py")],
                          env=env, capture_output=True, text=True, timeout=600)
@@ -238,4 +256,8 @@ def test_mirrored_strategy_clipped_step_matches_a_single_device():
     assert result["replicas"] == 2
     assert result["gradient_norm"] > 2 * result["clip"]  # clipping changed the step
     np.testing.assert_allclose(result["mirrored_loss"], result["single_loss"], rtol=1e-5)
+    assert result["max_relative_gradient_difference"] < 1e-5
+    assert len(result["single_step_losses"]) == 3
+    np.testing.assert_allclose(result["mirrored_step_losses"], result["single_step_losses"],
+                               rtol=1e-5)
     assert result["max_weight_difference"] < 1e-5

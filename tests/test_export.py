@@ -50,10 +50,51 @@ def exports(tmp_path_factory):
     }
 
 
-def keras_outputs(model, converter, raw):
-    """What the exported graph should return, computed by the Keras model."""
-    images = converter(raw)
-    return {k: to_numpy(v) for k, v in aim_export.serving_outputs(model, images).items()}
+def keras_outputs(model, converter, raw, top_k=5):
+    """What the exported graph should return: the Keras model's logits or
+    tokens, and everything else computed here with NumPy (not with the
+    function that was traced into the SavedModel)."""
+    outputs = to_numpy(model(converter(raw), training=False)).astype("float32")
+    if isinstance(model, keras_aim.AIMBackbone):
+        return {"tokens": outputs, "embedding": outputs.mean(axis=1)}
+    shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+    indices = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
+    return {
+        "logits": outputs,
+        "probabilities": probabilities,
+        "top_k_indices": indices.astype("int32"),
+        "top_k_scores": np.take_along_axis(probabilities, indices, axis=-1),
+    }
+
+
+def test_saved_model_outputs_match_independent_computations(exports):
+    """Every output of every exported signature against NumPy: the mean of
+    the Keras tokens, softmax and top-k of the Keras logits (the export's
+    own `serving_outputs` is not the reference)."""
+    import tensorflow as tf
+
+    raw = np.random.RandomState(5).randint(0, 256, (3, 40, 52, 3)).astype("uint8")
+    encoded = tf.constant([tf.io.encode_png(image).numpy() for image in raw])
+    for key, names in (("classifier", aim_export.CLASSIFIER_OUTPUTS),
+                       ("backbone", aim_export.BACKBONE_OUTPUTS)):
+        expected = keras_outputs(exports[key], exports["converter"], raw)
+        assert sorted(expected) == sorted(names)
+        signatures = tf.saved_model.load(exports[f"{key}_dir"]).signatures
+        served = {
+            "serving_default": signatures["serving_default"](images=tf.constant(raw)),
+            "predict_images": signatures["predict_images"](image_bytes=encoded),
+            "predict_preprocessed": signatures["predict_preprocessed"](
+                images=tf.constant(to_numpy(exports["converter"](raw)))),
+        }
+        for signature, outputs in served.items():
+            for name in names:
+                got = outputs[name].numpy()
+                if name == "top_k_indices":
+                    np.testing.assert_array_equal(got, expected[name], err_msg=signature)
+                else:
+                    np.testing.assert_allclose(got, expected[name], atol=PARITY_ATOL,
+                                               err_msg=f"{key} {signature} {name}")
 
 
 def test_layout_is_tf_serving_version_folders(exports):
@@ -220,6 +261,73 @@ def test_keras3_tfsm_layer_loads_the_export(exports):
     model = keras.Model(inputs, outputs["probabilities"])
     expected = keras_outputs(exports["classifier"], exports["converter"], raw)
     np.testing.assert_allclose(model.predict(raw, verbose=0), expected["probabilities"], atol=PARITY_ATOL)
+
+
+def unusual_image_files(folder):
+    """Files whose decoding is easy to get wrong: 16-bit grayscale and RGB
+    PNG, palette PNG with transparency, grayscale + alpha PNG, CMYK JPEG."""
+    import tensorflow as tf
+    from PIL import Image
+
+    rng = np.random.RandomState(3)
+    gray16 = (rng.rand(38, 45) * 65535).astype(np.uint16)
+    rgb8 = rng.randint(0, 256, (36, 40, 3), dtype=np.uint8)
+    files = {
+        "gray16.png": lambda p: Image.fromarray(gray16).save(p),
+        "rgb16.png": lambda p: open(p, "wb").write(tf.io.encode_png(
+            rng.randint(0, 65536, (40, 33, 3)).astype(np.uint16)).numpy()),
+        "palette.png": lambda p: Image.fromarray(rgb8).convert("P").save(p, transparency=0),
+        "gray_alpha.png": lambda p: Image.fromarray(rgb8).convert("LA").save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb8).convert("CMYK").save(p),
+    }
+    paths = []
+    for name, write in files.items():
+        write(str(folder / name))
+        paths.append(str(folder / name))
+    return paths, gray16
+
+
+def test_unusual_files_decode_alike_for_the_cli_predict_and_the_saved_model(exports, tmp_path):
+    """One decoding path: `keras-aim classify`'s reader, `predict` with the
+    preprocessor and the SavedModel's `predict_images` give the same pixels
+    and logits for every kind of file (a 16-bit PNG used to be clipped to
+    white by the command line)."""
+    import tensorflow as tf
+
+    paths, gray16 = unusual_image_files(tmp_path)
+    names, images, failures = cli.read_images(paths)
+    assert names == paths and failures == 0
+    np.testing.assert_array_equal(images[0], np.repeat((gray16 >> 8)[..., None], 3, -1))
+    served = tf.saved_model.load(exports["classifier_dir"]).signatures["predict_images"]
+    for path, image in zip(paths, images):
+        assert image.dtype == np.uint8 and image.shape[-1] == 3, path
+        expected = exports["classifier"].predict(image[None], verbose=0)
+        with open(path, "rb") as handle:
+            got = served(image_bytes=tf.constant([handle.read()]))["logits"].numpy()
+        np.testing.assert_allclose(got, expected, atol=PARITY_ATOL, err_msg=path)
+
+
+def test_exported_versions_have_ordinary_permissions(exports, tmp_path):
+    """A model server running as another user must be able to read the
+    export: every folder and file gets what mkdir/open give under the umask
+    (the staging folder it was written into is private)."""
+    from keras_aim.utils.atomic_files import atomic_directory, current_umask
+
+    umask = current_umask()
+    for key in ("classifier_dir", "backbone_dir"):
+        for root, folders, files in os.walk(exports[key]):
+            assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask, root
+            for name in files:
+                mode = os.stat(os.path.join(root, name)).st_mode & 0o777
+                assert mode == 0o666 & ~umask, (root, name)
+    previous = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+        with atomic_directory(str(tmp_path / "2")) as staging:
+            assert os.stat(staging).st_mode & 0o777 == 0o700  # private while written
+        assert os.stat(tmp_path / "2").st_mode & 0o777 == 0o750
+    finally:
+        os.umask(previous)
 
 
 def test_existing_version_is_refused_without_overwrite(exports, tmp_path, capsys):

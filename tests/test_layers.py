@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from keras_aim import layers
-from tests.conftest import PARITY_ATOL, to_numpy
+from tests.conftest import PARITY_ATOL, needs_torch_backend, to_numpy
+
+
+from tests.conftest import PARITY_ATOL, make_tiny_backbone, to_numpy
 
 
 def numpy_sincos(height, width, dim):
@@ -125,6 +128,116 @@ def test_probe_shapes_and_batchnorm_modes():
     assert not np.allclose(inference, training)
 
 
+def test_swiglu_mlp_gates_fc1_with_silu_times_fc3():
+    mlp = layers.AIMSwiGLUMLP(4, 6)
+    x = np.random.RandomState(5).randn(3, 4).astype("float32")
+    out = to_numpy(mlp(x))
+    assert len(mlp.weights) == 3  # fc1, fc3, fc2 kernels, no biases
+    gate = x @ to_numpy(mlp.fc1.kernel)
+    up = x @ to_numpy(mlp.fc3.kernel)
+    hidden = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(out, hidden @ to_numpy(mlp.fc2.kernel), atol=1e-5)
+
+
+def numpy_rms_norm(x, scale, epsilon=1e-5):
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + epsilon) * scale
+
+
+def test_v2_block_is_pre_rms_norm_residual_with_eps_1e5():
+    block = layers.AIMv2TransformerBlock(8, 2, 12)
+    x = np.random.RandomState(6).randn(2, 4, 8).astype("float32") * 1e-3
+    out = to_numpy(block(x))
+    assert block.norm_1.epsilon == 1e-5 and block.norm_2.epsilon == 1e-5
+    scale = np.random.RandomState(7).uniform(0.5, 1.5, 8).astype("float32")
+    block.norm_1.scale.assign(scale)
+    out = to_numpy(block(x))
+    normed = numpy_rms_norm(x, scale)
+    np.testing.assert_allclose(to_numpy(block.norm_1(x)), normed, rtol=1e-4, atol=1e-6)
+    h = x + to_numpy(block.attn(normed))
+    expected = h + to_numpy(block.mlp(block.norm_2(h)))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_causal_v2_block_ignores_later_tokens():
+    block = layers.AIMv2TransformerBlock(8, 2, 12, causal=True)
+    x = np.random.RandomState(8).randn(1, 5, 8).astype("float32")
+    changed = x.copy()
+    changed[:, 3:] = np.random.RandomState(9).randn(1, 2, 8)
+    out, out_changed = to_numpy(block(x)), to_numpy(block(changed))
+    np.testing.assert_allclose(out[:, :3], out_changed[:, :3], atol=1e-6)
+    assert not np.allclose(out[:, 3:], out_changed[:, 3:])
+    bidirectional = layers.AIMv2TransformerBlock(8, 2, 12)
+    bidirectional.build(x.shape)
+    bidirectional.set_weights(block.get_weights())
+    assert not np.allclose(to_numpy(bidirectional(x))[:, :3], out[:, :3])
+
+
+@pytest.mark.parametrize("in_size,out_size", [(4, 4), (4, 6), (6, 4), (16, 24), (16, 9)])
+def test_bicubic_weights_rows_sum_to_one_and_identity_at_same_size(in_size, out_size):
+    weights = to_numpy(layers.bicubic_resize_weights(in_size, out_size))
+    assert weights.shape == (out_size, in_size)
+    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-6)
+    if in_size == out_size:
+        np.testing.assert_allclose(weights, np.eye(in_size), atol=1e-7)
+
+
+@needs_torch_backend
+@pytest.mark.parametrize("grid,new_grid", [((4, 4), (6, 5)), ((4, 6), (2, 3)), ((16, 16), (24, 32))])
+def test_position_table_resampling_matches_torch_antialiased_bicubic(grid, new_grid):
+    import torch
+
+    dim = 8
+    layer = layers.AIMLearnedPositionEmbedding(grid, resample=True)
+    tokens = np.zeros((1, *new_grid, dim), "float32")
+    got = to_numpy(layer(tokens))[0]
+    table = to_numpy(layer.position_embedding).reshape(*grid, dim)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(table).permute(2, 0, 1)[None],
+        size=new_grid, mode="bicubic", antialias=True, align_corners=False,
+    )[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_learned_position_table_adds_rows_in_raster_order():
+    layer = layers.AIMLearnedPositionEmbedding((2, 3))
+    tokens = np.random.RandomState(10).randn(2, 2, 3, 4).astype("float32")
+    got = to_numpy(layer(tokens))
+    table = to_numpy(layer.position_embedding)  # (1, 6, 4)
+    assert table.shape == (1, 6, 4)
+    np.testing.assert_allclose(got, tokens + table.reshape(1, 2, 3, 4), atol=1e-6)
+
+
+def test_learned_position_table_refuses_another_grid_without_resampling():
+    layer = layers.AIMLearnedPositionEmbedding((2, 3))
+    layer(np.zeros((1, 2, 3, 4), "float32"))
+    with pytest.raises(ValueError, match=r"2x3 patch grid but the images give a 4x3 grid.*resample"):
+        layer(np.zeros((1, 4, 3, 4), "float32"))
+
+
+def test_patch_embedding_rms_norm_variant_round_trips():
+    layer = layers.AIMPatchEmbedding(8, 2, 1e-5, normalization="rms_norm")
+    out = to_numpy(layer(np.random.RandomState(11).rand(1, 4, 4, 3).astype("float32")))
+    conv = to_numpy(layer.proj(np.zeros((1, 4, 4, 3), "float32")))
+    assert isinstance(layer.norm, keras.layers.RMSNormalization)
+    assert out.shape == conv.shape
+    clone = layers.AIMPatchEmbedding.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        layers.AIMPatchEmbedding(8, 2, normalization="batch_norm")
+
+
+def test_attention_pool_without_batch_norm_with_biased_linear():
+    pool = layers.AIMAttentionProbe(16, 16, 4, use_batch_norm=False, use_bias=True)
+    x = np.random.RandomState(12).randn(2, 5, 16).astype("float32")
+    out = to_numpy(pool(x))
+    assert pool.bn is None and out.shape == (2, 16)
+    names = sorted(w.path.split("/", 1)[1] for w in pool.weights)
+    assert names == ["cls_token", "k/kernel", "linear/bias", "linear/kernel", "v/kernel"]
+    np.testing.assert_allclose(to_numpy(pool(x, training=True)), out, atol=1e-6)
+    clone = layers.AIMAttentionProbe.from_config(pool.get_config())
+    assert clone.get_config() == pool.get_config()
+
+
 # Every layer class of keras_aim.layers, with an input to call it on.
 ROUND_TRIP_CASES = {
     "AIMPatchEmbedding": (lambda: layers.AIMPatchEmbedding(16, 4, 1e-5), (2, 8, 8, 3)),
@@ -140,6 +253,13 @@ ROUND_TRIP_CASES = {
         (2, 4, 16),
     ),
     "AIMPrefixSampler": (lambda: layers.AIMPrefixSampler(16, seed=3, eval_seed=7), (5, 8, 8, 3)),
+    "AIMSwiGLUMLP": (lambda: layers.AIMSwiGLUMLP(16, 24), (2, 5, 16)),
+    "AIMv2TransformerBlock": (
+        lambda: layers.AIMv2TransformerBlock(16, 4, 24, 1e-5, causal=True), (2, 5, 16)
+    ),
+    "AIMLearnedPositionEmbedding": (
+        lambda: layers.AIMLearnedPositionEmbedding((2, 2), resample=True), (2, 3, 2, 16)
+    ),
 }
 
 
@@ -179,3 +299,45 @@ def test_prefix_attention_matches_reference(tiny_backbone, reference):
     np.testing.assert_allclose(
         got, reference["prefix_attention_block0_out"], atol=PARITY_ATOL
     )
+
+
+@pytest.mark.parametrize(
+    "build,name",
+    [
+        (lambda: layers.AIMAttention(64, 0), "AIMAttention: num_heads"),
+        (lambda: layers.AIMAttentionProbe(64, 10, 0), "AIMAttentionProbe: num_heads"),
+        (lambda: layers.AIMAttentionProbe(64, 0, 4), "AIMAttentionProbe: num_classes"),
+        (lambda: layers.AIMMLP(64, 0), "AIMMLP: intermediate_dim"),
+        (lambda: layers.AIMPatchEmbedding(64, 0), "AIMPatchEmbedding: patch_size"),
+        (lambda: layers.AIMPixelHead(8, width=0), "AIMPixelHead: width"),
+        (lambda: layers.AIMPixelHead(8, depth=-1), "AIMPixelHead: depth"),
+    ],
+)
+def test_zero_or_negative_sizes_are_named_not_divided_by(build, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int; received"):
+        build()
+
+
+def test_zero_image_sizes_are_refused():
+    import keras_aim
+
+    with pytest.raises(ValueError, match="AIMImageConverter: height must be a positive int"):
+        keras_aim.AIMImageConverter(image_size=(0, 0))
+    with pytest.raises(ValueError, match="positive multiple of 8; got 0"):
+        keras_aim.data.digits(0)
+
+
+def test_patch_embedding_output_spec_of_numpy_images():
+    """keras-hub's precision check asks a functional model for
+    `compute_output_spec(numpy_images)`: the first layer then sees the NumPy
+    array itself (Keras read its shape as None before the fix)."""
+    layer = layers.AIMPatchEmbedding(16, 4, dtype="mixed_bfloat16")
+    spec = layer.compute_output_spec(np.zeros((2, 8, 12, 3), "float32"))
+    assert tuple(spec.shape) == (2, 2, 3, 16)
+    assert spec.dtype == "bfloat16"
+    backbone = make_tiny_backbone(dtype="mixed_bfloat16")
+    spec = backbone.compute_output_spec(np.zeros((2, 32, 32, 3), "float32"))
+    assert tuple(spec.shape) == (2, 16, 64)
+    assert spec.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="batch, height, width, channels"):
+        layer.compute_output_shape((8, 12, 3))

@@ -179,3 +179,45 @@ def test_save_and_load_pretrainer(reference, tmp_path):
     np.testing.assert_allclose(
         restored.predict(images, verbose=0)["predictions"], expected, atol=1e-6
     )
+
+
+def test_causal_baseline_uses_prefix_one_and_counts_every_target(reference):
+    images = reference["loss_images_nhwc"]
+    sampler = AIMPrefixSampler(16, seed=3, causal_only=True)
+    for training in (True, False):
+        np.testing.assert_array_equal(to_numpy(sampler(images, training=training)), [1, 1, 1])
+    # Prefix length 1: the prefix-causal mask is the causal mask.
+    mask = to_numpy(keras_aim.layers.prefix_causal_mask(np.ones(3, "int32"), 16))
+    np.testing.assert_array_equal(mask[0, 0], np.tril(np.ones((16, 16), bool)))
+    causal = keras_aim.AIMPretrainer(
+        make_tiny_backbone(layer_norm_epsilon=1e-5), pixel_head_width=32,
+        pixel_head_depth=2, seed=0, prefix_attention=False,
+    )
+    predictions = causal.predict(images, verbose=0)
+    np.testing.assert_array_equal(predictions["prefix_lengths"], [1, 1, 1])
+    # The loss is the plain mean over every next-patch target.
+    expected = np.mean(to_numpy(losses.next_patch_errors(images, predictions["predictions"], 8)))
+    y_pred = {k: keras.ops.convert_to_tensor(v) for k, v in predictions.items()}
+    np.testing.assert_allclose(to_numpy(causal.compute_loss(images, None, y_pred)), expected,
+                               rtol=1e-5)
+    assert keras_aim.AIMPretrainer.from_config(causal.get_config()).prefix_attention is False
+
+
+def test_raw_pixel_targets_are_the_patches_themselves(reference):
+    images = reference["loss_images_nhwc"]
+    predictions = reference["loss_predictions"]
+    patches = to_numpy(losses.patchify(images, 8))
+    expected = np.mean((predictions[:, :-1] - patches[:, 1:]) ** 2, axis=-1)
+    raw = to_numpy(losses.next_patch_errors(images, predictions, 8, normalize_targets=False))
+    np.testing.assert_allclose(raw, expected, rtol=1e-5)
+    normalized = to_numpy(losses.next_patch_errors(images, predictions, 8))
+    assert not np.allclose(raw, normalized)
+    pretrainer = keras_aim.AIMPretrainer(
+        make_tiny_backbone(layer_norm_epsilon=1e-5), pixel_head_width=32,
+        pixel_head_depth=2, seed=0, normalized_targets=False,
+    )
+    # Raw predictions are pixels already: shown as they are.
+    shown = to_numpy(pretrainer.predicted_images(images, np.concatenate(
+        [patches[:, 1:], patches[:, :1]], axis=1)))
+    np.testing.assert_allclose(shown, images, atol=1e-5)
+    assert keras_aim.AIMPretrainer.from_config(pretrainer.get_config()).normalized_targets is False

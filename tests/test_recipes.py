@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from recipes import pretrain
 from recipes.configs import load
 
-from tests.conftest import once_in_jax_pass  # noqa: E402
+from tests.conftest import once_in_jax_pass, to_numpy  # noqa: E402
 
 RUN = ["--config", "tiny", "--steps", "40", "--checkpoint-every", "10",
        "--batch-size", "32", "--verbose", "0"]
@@ -65,12 +67,65 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "killed" / "backbone" / "config.json").exists()
 
 
-def test_existing_run_needs_resume(tmp_path):
+def test_existing_run_needs_resume(tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "ckpt-000000010.npz").write_bytes(b"")
-    with pytest.raises(SystemExit, match="pass --resume"):
-        pretrain.main(RUN + ["--workdir", str(tmp_path)])
+    assert pretrain.main(RUN + ["--workdir", str(tmp_path)]) == 1
+    assert "already has checkpoints; pass --resume" in capsys.readouterr().err
+
+
+def test_resume_of_a_missing_or_empty_workdir_is_refused(tmp_path, capsys):
+    """A mistyped --workdir with --resume used to train from step 0."""
+    for workdir, why in ((tmp_path / "typo", "it does not exist"), (tmp_path, "it is empty")):
+        assert pretrain.main(RUN + ["--workdir", str(workdir), "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: Nothing to resume in {workdir}: {why}" in err
+    assert not (tmp_path / "typo").exists() and not list(tmp_path.iterdir())
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Counts the batches `fit` runs; raises KeyboardInterrupt (as Ctrl-C
+    or SIGTERM do) after `stop_after` of them."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.stop_after, self.batches = stop_after, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+        if self.batches == self.stop_after:
+            raise KeyboardInterrupt
+
+
+def trained_trunk(workdir):
+    import keras_aim
+
+    return [to_numpy(w) for w in keras_aim.AIMBackbone.from_preset(str(workdir / "backbone")).weights]
+
+
+def test_interrupted_run_resumes_at_its_step_and_runs_only_the_rest(tmp_path, capsys):
+    """On every backend: a run stopped after 2 of 3 steps (between
+    checkpoints) resumes at step 2, runs 1 step, and ends with the weights
+    of an uninterrupted run (a restore that assigned nothing, or resumed at
+    step 0, would not)."""
+    run = ["--config", "tiny", "--steps", "3", "--checkpoint-every", "3",
+           "--batch-size", "8", "--verbose", "0"]
+    straight = StopAfter()
+    assert pretrain.main(run + ["--workdir", str(tmp_path / "straight")], [straight]) == 0
+    assert straight.batches == 3
+
+    stopped = StopAfter(stop_after=2)
+    assert pretrain.main(run + ["--workdir", str(tmp_path / "run")], [stopped]) == 130
+    assert "interrupted: checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "backbone").exists()
+
+    resumed = StopAfter()
+    assert pretrain.main(run + ["--workdir", str(tmp_path / "run"), "--resume"], [resumed]) == 0
+    assert re.search(r"resumed from \S+ at step 2\n", capsys.readouterr().out)
+    assert resumed.batches == 1
+    for a, b in zip(trained_trunk(tmp_path / "straight"), trained_trunk(tmp_path / "run")):
+        np.testing.assert_allclose(b, a, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -160,23 +215,105 @@ def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
     assert not merged.blocks[0].attn.qkv.lora_enabled
 
 
-def test_attentive_probe_recipe_on_image_folders(tmp_path, capsys):
-    from recipes import attentive_probe
+def image_folders(root, counts, seed=0):
+    """`root/<class>/<i>.png` of random sizes: {class name: image count}."""
     from PIL import Image
 
+    rng = np.random.RandomState(seed)
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.randint(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(
+                root / label / f"{i}.png")
+    return f"folder:{root}"
+
+
+@pytest.fixture
+def small_trunk(tmp_path):
     import keras_aim
 
-    rng = np.random.RandomState(0)
-    for label in ("a", "b"):
-        (tmp_path / "images" / label).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.randint(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(
-                tmp_path / "images" / label / f"{i}.png")
     keras_aim.AIMBackbone(
         image_shape=(16, 16, 3), patch_size=4, hidden_dim=32, num_layers=2, num_heads=2
     ).save_to_preset(str(tmp_path / "trunk"))
-    folder = f"folder:{tmp_path / 'images'}"
-    assert attentive_probe.main(["--backbone", str(tmp_path / "trunk"), "--data", folder,
-                                 "--val", folder, "--epochs", "1",
-                                 "--probe-layers", "0,1"]) == 0
-    assert capsys.readouterr().out.strip().endswith("(6 images)")
+    return str(tmp_path / "trunk")
+
+
+def test_probe_on_a_folder_without_val_holds_out_a_validation_part(tmp_path, small_trunk, capsys):
+    """Accuracy is never measured on the training images: without --val a
+    share of each class is held out (and said); --val naming the training
+    folder and single-class data are refused."""
+    from recipes import attentive_probe, finetune_lora
+
+    folder = image_folders(tmp_path / "images", {"a": 5, "b": 5})
+    args = ["--backbone", small_trunk, "--epochs", "1", "--probe-layers", "0,1", "--verbose", "0"]
+    assert attentive_probe.main(args + ["--data", folder]) == 0
+    out = capsys.readouterr().out
+    assert f"no --val: validating on folder {tmp_path / 'images'}, val part" in out
+    assert out.strip().endswith("(2 images)")  # 1 of 5 per class; the other 8 trained on
+
+    assert attentive_probe.main(args + ["--data", folder, "--val", folder]) == 1
+    assert f"--val {folder} is the training data" in capsys.readouterr().err
+    one_class = image_folders(tmp_path / "one", {"only": 4})
+    for main in (attentive_probe.main, finetune_lora.main):
+        extra = ["--out", str(tmp_path / "lora")] if main is finetune_lora.main else []
+        assert main(args + ["--data", one_class] + extra) == 1
+        assert "has a single class ('only'); a classifier needs at least 2" in capsys.readouterr().err
+
+
+def test_a_run_folder_belongs_to_one_recipe(tmp_path, small_trunk, capsys):
+    """--out at another recipe's run folder (or any non-empty folder) is
+    refused before anything is written: it used to overwrite the run's
+    log.csv."""
+    from recipes import attentive_probe
+
+    pretraining = tmp_path / "pretraining"
+    (pretraining / "checkpoints").mkdir(parents=True)  # a pre-training run
+    (pretraining / "log.csv").write_text("epoch,loss\n0,1.0\n")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep")
+    args = ["--backbone", small_trunk, "--epochs", "1", "--probe-layers", "0,1", "--verbose", "0"]
+    assert attentive_probe.main(args + ["--out", str(pretraining)]) == 1
+    assert "is a run folder of recipes.pretrain" in capsys.readouterr().err
+    assert attentive_probe.main(args + ["--out", str(other)]) == 1
+    assert "is not empty and not a run folder of recipes.attentive_probe" in capsys.readouterr().err
+    assert (pretraining / "log.csv").read_text() == "epoch,loss\n0,1.0\n"
+    assert sorted(p.name for p in pretraining.iterdir()) == ["checkpoints", "log.csv"]
+    assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
+
+    assert attentive_probe.main(args + ["--out", str(tmp_path / "probe")]) == 0
+    assert pretrain.main(RUN + ["--workdir", str(tmp_path / "probe")]) == 1
+    assert "is a run folder of recipes.attentive_probe" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="tf.data input: one backend is enough")
+def test_pretraining_on_an_image_folder(tmp_path):
+    """Folder data of any image sizes, labels unused (it used to fail with
+    `Expected int32, but got None`)."""
+    folder = image_folders(tmp_path / "images", {"a": 3, "b": 2})
+    assert pretrain.main(["--config", "tiny", "--steps", "2", "--checkpoint-every", "2",
+                          "--batch-size", "4", "--verbose", "0", "--data", folder,
+                          "--workdir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "backbone" / "config.json").exists()
+
+
+def test_recipe_errors_are_one_line(tmp_path, small_trunk, capsys):
+    """Bad data, paths or numbers: `error: ...` (or argparse's usage error),
+    exit code 1 (2), no traceback (unless --verbose 2)."""
+    from recipes import finetune_lora
+
+    missing = tmp_path / "missing"
+    assert pretrain.main(RUN + ["--workdir", str(tmp_path / "w"), "--data", f"folder:{missing}"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: Image folder '{missing}' does not exist."
+    assert pretrain.main(RUN + ["--workdir", str(tmp_path / "w2"), "--data", f"folder:{missing}",
+                                "--verbose", "2"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    for main, option in ((pretrain.main, ["--workdir", str(tmp_path), "--batch-size", "0"]),
+                         (pretrain.main, ["--workdir", str(tmp_path), "--accumulate", "0"]),
+                         (finetune_lora.main, ["--backbone", small_trunk, "--out",
+                                               str(tmp_path / "l"), "--rank", "0"])):
+        with pytest.raises(SystemExit) as info:
+            main(option)
+        assert info.value.code == 2
+        assert "must be >= 1, got 0" in capsys.readouterr().err

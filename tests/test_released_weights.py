@@ -13,7 +13,7 @@ import pytest
 import keras_aim
 from keras_aim.loading import preset_cache
 from keras_aim.loading.download import ChecksumError, DownloadError, OfflineError
-from keras_aim.models.aim.aim_presets import AIM_PRESETS
+from keras_aim.models.aim.aim_presets import AIM_PRESETS, register_preset
 from tests.conftest import fixture_path, to_numpy
 from tests.tiny_release import FILES, NAME
 
@@ -179,5 +179,94 @@ def test_server_errors_are_retried_then_reported(release, monkeypatch):
         download, "_fetch_into",
         lambda *args: (_ for _ in ()).throw(ConnectionResetError("reset")),
     )
-    with pytest.raises(DownloadError, match="after 5 attempts .*reset.*run again to resume"):
-        download.download_file("http://127.0.0.1:9/x.pth", str(preset_cache.downloaded_path("x.pth")), "00")
+    target = preset_cache.downloaded_path("x.pth")
+    with pytest.raises(DownloadError, match="after 5 attempts .*reset.*no network") as info:
+        download.download_file("http://127.0.0.1:9/x.pth", target, "0" * 8)
+    assert ".part" not in str(info.value)  # nothing was received, nothing kept
+    with open(target + ".part", "wb") as handle:
+        handle.write(b"12345")
+    with pytest.raises(DownloadError, match="The 5 bytes received so far are kept in "
+                       f".*x.pth.part; run again to resume"):
+        download.download_file("http://127.0.0.1:9/x.pth", target, "0" * 8)
+
+
+def test_no_network_says_how_to_work_offline(release, monkeypatch):
+    """No connection at all: the error says so and how to go on without a
+    network; following its advice works."""
+    from keras_aim.loading import download
+
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("KERAS_AIM_BASE_URL", "http://127.0.0.1:9/")  # closed port
+    served = FILES["backbone"][0]
+    target = preset_cache.downloaded_path(served)
+    with pytest.raises(DownloadError) as info:
+        keras_aim.AIMBackbone.from_preset(NAME)
+    message = str(info.value)
+    assert "no network" in message and "KERAS_AIM_OFFLINE=1" in message
+    assert f"put it at {target} " in message and ".part" not in message
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copy(fixture_path("backbone.pth"), target)
+    monkeypatch.setenv("KERAS_AIM_OFFLINE", "1")
+    keras_aim.AIMBackbone.from_preset(NAME)
+
+
+def other_valid_checkpoint(path):
+    """A well-formed checkpoint with the released keys and shapes but other
+    values (every zip check passes; only the checksum can tell)."""
+    import zipfile
+
+    with zipfile.ZipFile(fixture_path("backbone.pth")) as source, \
+            zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if "/data/" in info.filename:
+                data = bytes(len(data))  # zeros
+            target.writestr(info, data)
+
+
+def test_file_put_into_downloads_by_hand_is_verified(release):
+    """The offline advice sends users to downloads/: a wrong file there is
+    refused (and kept) before it is converted, and nothing is cached."""
+    served = FILES["backbone"][0]
+    target = preset_cache.downloaded_path(served)
+    os.makedirs(os.path.dirname(target))
+    other_valid_checkpoint(target)
+    with pytest.raises(ChecksumError) as info:
+        keras_aim.AIMBackbone.from_preset(NAME)
+    message = str(info.value)
+    assert target in message and "delete it to download it again" in message
+    assert AIM_PRESETS[NAME]["files"]["backbone"][1] in message  # the full digest
+    assert cache_entries() == [os.path.join("downloads", served)]
+    assert release.requests == []
+    os.remove(target)  # as the message says: then it is downloaded again
+    keras_aim.AIMBackbone.from_preset(NAME)
+    assert [r[0] for r in release.requests] == [served]
+
+
+def test_checksums_must_be_sha256_digests_or_prefixes():
+    from keras_aim.loading.download import check_digest, digest_strength
+
+    assert check_digest("0D6F6B8F") == "0d6f6b8f"
+    assert digest_strength("0d6f6b8f") == "SHA-256 prefix (32 bits)"
+    assert digest_strength("a" * 64) == "full SHA-256"
+    for bad in ("0d6f", "xyz12345", "a" * 65):
+        with pytest.raises(ValueError, match="not a SHA-256 digest"):
+            check_digest(bad)
+    with pytest.raises(ValueError, match="not a SHA-256 digest"):
+        register_preset("bad", {}, {"backbone": ("b.pth", "abc")}, (), ())
+
+
+def test_checksums_check_every_digit_given(tmp_path):
+    """A full digest pins the whole file: a file that matches only its
+    first 8 hex digits is refused; a prefix checks what it has."""
+    from keras_aim.loading.download import sha256_file, verify_sha256
+
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"released bytes")
+    actual = sha256_file(str(path))
+    verify_sha256(str(path), actual, "x", fix="")
+    verify_sha256(str(path), actual[:8], "x", fix="")
+    other = actual[:8] + ("0" if actual[8] != "0" else "1") + actual[9:]
+    with pytest.raises(ChecksumError, match=f"expected SHA-256 {other}, got {actual}"):
+        verify_sha256(str(path), other, "x", fix="")
+    assert path.exists()  # a file on disk is never deleted by a check with a fix

@@ -40,7 +40,7 @@ def register_tiny_preset(files=None) -> None:
         NAME,
         TINY_CONFIG,
         {
-            role: (served, hashlib.sha256(files[served]).hexdigest()[:8])
+            role: (served, hashlib.sha256(files[served]).hexdigest())
             for role, (served, _) in FILES.items()
         },
         best_probe_layers=(2, 3),

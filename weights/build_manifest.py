@@ -1,6 +1,7 @@
 """Writes `weights/manifest.json` and `weights/model_cards/*.md` from
-`keras_aim/models/aim/aim_presets.py`, the single source of the released
-checkpoints.
+`keras_aim/models/aim/aim_presets.py`, and `weights/manifest_aimv2.json`
+from `keras_aim/models/aimv2/aimv2_presets.py`: the single sources of the
+released checkpoints.
 
     python weights/build_manifest.py           # rewrite the files
     python weights/build_manifest.py --check   # exit 1 if they are stale
@@ -18,6 +19,7 @@ from keras_aim.models.aim.aim_presets import (
     RELEASE_BASE_URL,
     RELEASED_PRESETS as RELEASED,
 )
+from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.utils.atomic_files import atomic_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,11 +40,43 @@ def manifest() -> dict:
             "imagenet_top1_reported": entry["imagenet_top1"],
             "files": {
                 role: {"name": filename, "url": RELEASE_BASE_URL + filename,
-                       "sha256_prefix": sha}
+                       # A full digest where one is recorded, else its prefix.
+                       ("sha256" if len(sha) == 64 else "sha256_prefix"): sha}
                 for role, (filename, sha) in entry["files"].items()
             },
         }
     return {"source": "Apple AIM-v1 release", "base_url": RELEASE_BASE_URL,
+            "presets": presets}
+
+
+def manifest_aimv2() -> dict:
+    """The AIMv2 releases: Hub repository, pinned revision, file URLs, and
+    the digest and size once recorded (`null` until then)."""
+    presets = {}
+    for name, entry in aimv2_presets.AIMV2_PRESETS.items():
+        files = [aimv2_presets.CHECKPOINT_FILENAME, *entry.get("tokenizer_files", ())]
+        presets[name] = {
+            "kind": entry["kind"],
+            "repo_id": entry["repo_id"],
+            "revision": entry["revision"],
+            "license": entry["license"],
+            "config": {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in entry["config"].items()},
+            "params": entry["params"],
+            "imagenet_top1_reported": entry["imagenet_top1"],
+            **({"zero_shot_top1_reported": entry["zero_shot_top1"]}
+               if "zero_shot_top1" in entry else {}),
+            "files": {
+                filename: {
+                    "url": f"{aimv2_presets.HUB_URL}/{entry['repo_id']}/resolve/"
+                           f"{entry['revision']}/{filename}",
+                    "sha256": entry["sha256"] if filename == files[0] else None,
+                    "size": entry["file_size"] if filename == files[0] else None,
+                }
+                for filename in files
+            },
+        }
+    return {"source": "Apple AIMv2 release (Hub repositories at pinned revisions)",
             "presets": presets}
 
 
@@ -76,7 +110,9 @@ def model_card(name: str) -> str:
 
 def outputs() -> dict[str, str]:
     files = {os.path.join(HERE, "manifest.json"):
-             json.dumps(manifest(), indent=2) + "\n"}
+             json.dumps(manifest(), indent=2) + "\n",
+             os.path.join(HERE, "manifest_aimv2.json"):
+             json.dumps(manifest_aimv2(), indent=2) + "\n"}
     for name in RELEASED:
         files[os.path.join(HERE, "model_cards", f"{name}.md")] = model_card(name)
     return files

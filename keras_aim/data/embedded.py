@@ -23,8 +23,10 @@ def digits(image_size: int = 16, test_fraction: float = 0.2, seed: int = 0):
         raise ImportError(
             "The embedded dataset needs scikit-learn: pip install scikit-learn"
         ) from error
-    if image_size % 8:
-        raise ValueError(f"image_size must be a multiple of 8; got {image_size}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or (
+        image_size < 8 or image_size % 8
+    ):
+        raise ValueError(f"image_size must be a positive multiple of 8; got {image_size!r}.")
     data = load_digits()
     images = np.round(data.images * (255.0 / 16.0)).astype("uint8")  # (n, 8, 8)
     factor = image_size // 8

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_aim.data.images import decode_image, is_image_file, read_images, summarize_errors
 from keras_aim.models.aim.aim_image_converter import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,17 +24,26 @@ from keras_aim.models.aim.aim_image_converter import (
 AUGMENTATIONS = ("aim", "shift", "none")
 
 
-def normalize(images):
-    """[0, 255] pixels -> ImageNet mean/std normalized float32."""
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """[0, 255] pixels -> mean/std normalized float32 (ImageNet's by default)."""
     images = tf.cast(images, "float32") / 255.0
-    return (images - IMAGENET_MEAN) / IMAGENET_STD
+    return (images - mean) / std
 
 
-def aim_augment(image, seed, image_size: int):
+def converter_statistics(converter) -> tuple[tuple, tuple]:
+    """`(mean, std)` over [0, 1] pixels of an image converter, from its
+    scale and offset (`x * scale + offset` on [0, 255] pixels)."""
+    std = tuple(1.0 / (255.0 * float(s)) for s in converter.scale)
+    mean = tuple(-float(o) * s for o, s in zip(converter.offset, std))
+    return mean, std
+
+
+def aim_augment(image, seed, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The paper's training augmentation on one uint8 image `(H, W, 3)`:
     random resized crop (area 0.4-1.0, aspect 3/4-4/3, bicubic) to
     `image_size`, horizontal flip, color jitter (0.4, 0.4, 0.2, 0.1) with
-    probability 0.8, then normalization. `seed`: shape-(2,) int tensor."""
+    probability 0.8, then normalization with `mean`/`std`. `seed`:
+    shape-(2,) int tensor."""
     seeds = tf.random.experimental.stateless_split(seed, num=7)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
@@ -61,31 +71,47 @@ def aim_augment(image, seed, image_size: int):
 
     apply = tf.random.stateless_uniform((), seeds[6]) < 0.8
     image = tf.cond(apply, lambda: jitter(image), lambda: image)
-    return (image - IMAGENET_MEAN) / IMAGENET_STD
+    return (image - mean) / std
 
 
-def shift_augment(image, seed, max_shift: int):
+def shift_augment(image, seed, max_shift: int, image_size: int | None = None,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Random translation by up to `max_shift` pixels (zero padding), then
-    normalization: a gentle augmentation for tiny images such as digits."""
+    normalization: a gentle augmentation for tiny images such as digits.
+
+    An image whose size is not `image_size` x `image_size` (or unknown, as
+    in an image folder) is first resized and center-cropped to it, as the
+    evaluation transform does."""
     height, width = image.shape[0], image.shape[1]
+    if image_size is not None and (height, width) != (image_size, image_size):
+        image = _pixel_crop(image_size)(image)
+        height = width = image_size
     padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
     image = tf.image.stateless_random_crop(padded, (height, width, 3), seed)
-    return normalize(image)
+    return normalize(image, mean, std)
 
 
-def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int):
+def _pixel_crop(image_size: int) -> AIMImageConverter:
+    """The evaluation resize + center crop, keeping pixels in [0, 255]."""
+    return AIMImageConverter(image_size=(image_size, image_size), scale=1.0, offset=0.0)
+
+
+def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int,
+                converter=None):
     if augmentation not in AUGMENTATIONS:
         raise ValueError(
             f"augmentation must be one of {AUGMENTATIONS}; received {augmentation!r}."
         )
-    converter = AIMImageConverter(image_size=(image_size, image_size))
+    if converter is None:
+        converter = AIMImageConverter(image_size=(image_size, image_size))
+    mean, std = converter_statistics(converter)
 
     def fn(index, image):
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         if augmentation == "aim":
-            return aim_augment(image, element_seed, image_size)
+            return aim_augment(image, element_seed, image_size, mean, std)
         if augmentation == "shift":
-            return shift_augment(image, element_seed, max_shift)
+            return shift_augment(image, element_seed, max_shift, image_size, mean, std)
         return converter(image)
 
     return fn
@@ -196,6 +222,7 @@ def classification_dataset(
     max_shift: int = 2,
     num_classes: int | None = None,
     shuffle_buffer: int = 10_000,
+    converter=None,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """(normalized images, labels) batches for probes and fine-tuning.
@@ -205,6 +232,9 @@ def classification_dataset(
     Training: shuffled and augmented, one pass per epoch. Evaluation: the
     evaluation transform, in order. For arrays, raises before any training
     if the data is empty or a label is outside `[0, num_classes)`.
+    `converter`: the evaluation transform, whose mean/std the augmentations
+    use too (default: AIM-v1's `AIMImageConverter` at `image_size`; an
+    AIMv2 trunk takes `keras_aim.models.families.evaluation_converter`).
     `drop_remainder`: leave out the last, smaller batch (a multi-process
     `fit` needs batches of one known size, which Keras then splits over the
     processes).
@@ -226,7 +256,9 @@ def classification_dataset(
             (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
         )
         buffer = len(labels)
-    augment = _augment_fn(augmentation if training else "none", image_size, seed, max_shift)
+    augment = _augment_fn(
+        augmentation if training else "none", image_size, seed, max_shift, converter
+    )
     if training:
         source = source.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = source.enumerate().map(
@@ -237,21 +269,17 @@ def classification_dataset(
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+def list_image_folder(directory: str):
+    """The images of `directory/<class>/<file>` (or directly in `directory`).
 
-
-def image_folder(directory: str):
-    """Images in `directory/<class>/<file>` (or directly in `directory`).
-
-    Unreadable or corrupt files are skipped and counted (checked with
-    Pillow while listing), not a crash.
+    Every file is decoded once, with the decoding the pipeline uses
+    (`keras_aim.data.images.decode_image`): files that fail are left out
+    and reported by name, so a bad file never stops a run midway.
 
     Returns:
-        `(dataset of (uint8 image (H, W, 3), int32 label), class_names,
-        skipped_files)`.
+        `(paths, int labels, class_names, skipped)`, `skipped` holding one
+        message per left-out file, naming it.
     """
-    from PIL import Image
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
     classes = sorted(
@@ -262,31 +290,37 @@ def image_folder(directory: str):
     ]
     paths, labels, skipped = [], [], []
     for folder, label in entries:
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.convert("RGB").load()
-            except Exception:  # any decoding failure: skip and count
-                skipped.append(path)
-                continue
-            paths.append(path)
-            labels.append(label)
+        files = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if is_image_file(n)]
+        readable, _, errors = read_images(files, keep_pixels=False)
+        paths += readable
+        labels += [label] * len(readable)
+        skipped += errors
     if not paths:
         raise ValueError(
-            f"No readable images in {directory!r} ({len(skipped)} unreadable)."
+            f"No readable images in {directory!r} ({len(skipped)} unreadable"
+            + (":\n" + summarize_errors(skipped) if skipped else "") + ")."
         )
+    return paths, labels, classes or [os.path.basename(directory)], skipped
+
+
+def image_files_dataset(paths, labels) -> tf.data.Dataset:
+    """`(uint8 image (H, W, 3), int32 label)` pairs read from `paths`."""
 
     def load(path, label):
-        data = tf.io.read_file(path)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, (None, None, 3)), label
+        return decode_image(tf.io.read_file(path)), label
 
-    ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, "int32")))
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds, classes or [os.path.basename(directory)], skipped
+    # A file changed or removed after the check is dropped with a logged
+    # warning rather than ending the run.
+    return ds.ignore_errors(log_warning=True)
+
+
+def image_folder(directory: str):
+    """`(dataset of (uint8 image (H, W, 3), int32 label), class_names,
+    skipped)` of an image folder (see `list_image_folder`)."""
+    paths, labels, classes, skipped = list_image_folder(directory)
+    return image_files_dataset(paths, labels), classes, skipped
 
 
 def tfds_images(name: str, split: str, data_dir: str | None = None):

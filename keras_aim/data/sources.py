@@ -18,7 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_aim.data.embedded import digits
-from keras_aim.data.pipelines import IMAGE_EXTENSIONS, image_folder, tfds_images
+from keras_aim.data.images import is_image_file, summarize_errors
+from keras_aim.data.pipelines import image_files_dataset, list_image_folder, tfds_images
 
 SPLITS = ("train", "val")
 # tfds split names tried for "val", in order, when a spec names none.
@@ -57,11 +58,14 @@ class LabeledImages:
 
 
 def labeled_images(spec: str, split: str = "train", seed: int = 0,
-                   image_size: int = 16, tfds_data_dir: str | None = None) -> LabeledImages:
+                   image_size: int = 16, tfds_data_dir: str | None = None,
+                   holdout: float = 0.0) -> LabeledImages:
     """The `split` ("train" or "val") of the set named by `spec`.
 
-    For a folder, both splits are the folder itself (give the validation
-    folder as its own spec); `image_size` applies to the digits only;
+    For a folder, both splits are the whole folder (give the validation
+    folder as its own spec), unless `holdout` is set: then a seeded
+    `holdout` share of each class's images is the "val" split and the rest
+    the "train" split. `image_size` applies to the digits only;
     `tfds_data_dir` is where tensorflow-datasets keeps prepared data
     (default: its own, `TFDS_DATA_DIR` or ~/tensorflow_datasets).
     """
@@ -77,18 +81,69 @@ def labeled_images(spec: str, split: str = "train", seed: int = 0,
             f"digits {split} ({len(labels)} images)",
         )
     if kind == "folder" and rest:
-        ds, classes, skipped = image_folder(rest)
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image files in {rest}")
-        return LabeledImages(
-            ds, None, classes, f"folder:{folder_fingerprint(rest)}", f"folder {rest}"
-        )
+        return _folder_split(rest, split, seed, holdout)
     if kind == "tfds" and rest:
         return _tfds_split(rest, split, tfds_data_dir)
     raise ValueError(
         f"Unknown data {spec!r}: use digits, folder:PATH or tfds:NAME[:SPLIT] "
         "(e.g. tfds:imagenet2012:validation)."
     )
+
+
+def has_own_validation_split(spec: str) -> bool:
+    """Whether the "val" split of `spec` differs from its "train" split
+    without a hold-out: the digits, and tfds names without a split."""
+    kind, _, rest = spec.partition(":")
+    return spec == "digits" or (kind == "tfds" and ":" not in rest)
+
+
+_listings: dict[tuple[str, str], tuple] = {}  # (folder, fingerprint) -> listing
+
+
+def _folder_split(directory: str, split: str, seed: int, holdout: float) -> LabeledImages:
+    fingerprint = folder_fingerprint(directory)
+    key = (os.path.abspath(directory), fingerprint)
+    if key not in _listings:  # both splits of one folder: decoded once
+        _listings[key] = list_image_folder(directory)
+        skipped = _listings[key][3]
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image file(s) in {directory}:\n"
+                  + summarize_errors(skipped))
+    paths, labels, classes, _ = _listings[key]
+    description = f"folder {directory}"
+    if holdout:
+        train, val = holdout_indices(labels, holdout, seed)
+        chosen = train if split == "train" else val
+        if len(chosen) == 0:
+            raise ValueError(
+                f"{description} has too few images to hold out {holdout:.0%} "
+                "of each class for validation (a class needs 2 images); add "
+                "images or pass --val with a validation folder."
+            )
+        paths = [paths[i] for i in chosen]
+        labels = [labels[i] for i in chosen]
+        fingerprint += f":{split}:holdout={holdout}:seed={seed}"
+        share = holdout if split == "val" else 1 - holdout
+        description += f", {split} part (~{share:.0%} of each class)"
+    return LabeledImages(
+        image_files_dataset(paths, labels), None, classes, f"folder:{fingerprint}",
+        f"{description} ({len(paths)} images)",
+    )
+
+
+def holdout_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(train indices, val indices)`: of each class, a seeded
+    `round(fraction * n)` of its `n` items (at least 1 when `n >= 2`, none
+    of a class with one item) go to validation."""
+    labels = np.asarray(labels)
+    rng = np.random.RandomState(seed)
+    val = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        val.extend(members[:count])
+    val = np.sort(np.asarray(val, "int64"))
+    return np.setdiff1d(np.arange(len(labels)), val), val
 
 
 def _tfds_split(rest: str, split: str, data_dir: str | None) -> LabeledImages:
@@ -139,7 +194,7 @@ def folder_fingerprint(directory: str) -> str:
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_image_file(name):
                 continue
             path = os.path.join(root, name)
             stat = os.stat(path)

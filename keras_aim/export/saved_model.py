@@ -5,15 +5,28 @@
 signatures, the evaluation preprocessing inside the graph:
 
 - `serving_default`: `images` uint8 `(B, H, W, 3)`, any H and W.
-- `predict_images`: `image_bytes` string `(B,)`, encoded JPEG/PNG/GIF/BMP
-  (what TF Serving's REST API receives as `{"b64": ...}`); JPEGs are decoded
-  with the accurate IDCT, giving the same pixels as PIL.
+- `predict_images`: `image_bytes` string `(B,)`, encoded JPEG, PNG (8 or
+  16 bits), GIF, BMP or WebP (what TF Serving's REST API receives as
+  `{"b64": ...}`), decoded as `keras-aim classify` decodes files
+  (`keras_aim.data.images.decode_image`).
 - `predict_preprocessed`: `images` float32 `(B, h, w, 3)`, already
   resized, cropped and normalized (h, w: the model's crop).
 
 Outputs: `logits`, `probabilities`, `top_k_indices`, `top_k_scores` for
-an `AIMImageClassifier`; `embedding` (mean of the final tokens) and
-`tokens` for an `AIMBackbone`.
+an `AIMImageClassifier` (or `AIMv2ImageClassifier`); `embedding` (mean of
+the final tokens) and `tokens` for an `AIMBackbone` or `AIMv2Backbone`.
+
+An `AIMv2LiT` gets other signatures (see `LIT_SIGNATURES`): image
+embeddings from uint8 images (`serving_default`, `image_embedding`) or
+preprocessed ones (`image_embedding_preprocessed`), text embeddings from
+token ids (`text_embedding`, `(B, T <= 77)` int32 from
+`AIMv2Tokenizer.pack`, padded to 77 with the end token inside: padding
+after the end token changes nothing; `text_embedding_full_length` takes
+exactly 77), and `zero_shot_logits` (`logits`, `probabilities` `(B, C)`)
+from uint8 images and class text embeddings `(C, 768)`. Each embedding
+signature returns the projected `embedding` and its L2-normalized
+`normalized_embedding` (`image_embedding_preprocessed` also the clamped
+`logit_scale`).
 
 TensorFlow is imported inside the functions: this is the backend-specific
 part of keras_aim. TensorFlow backend: `keras.export.ExportArchive`
@@ -36,14 +49,23 @@ from typing import Iterable, Sequence
 
 import keras
 from keras import ops
+from keras_hub.models import Backbone, ImageClassifier
 
 from keras_aim.models.aim.aim_backbone import AIMBackbone
 from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
 from keras_aim.models.aim.aim_image_converter import AIMImageConverter
+from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone
+from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT
+from keras_aim.models.families import evaluation_converter
 from keras_aim.utils.atomic_files import atomic_directory
 from keras_aim.utils.image_shapes import check_patch_multiple
 
 SIGNATURES = ("serving_default", "predict_images", "predict_preprocessed")
+LIT_SIGNATURES = (
+    "serving_default", "image_embedding", "image_embedding_preprocessed",
+    "text_embedding", "text_embedding_full_length", "zero_shot_logits",
+)
+EMBEDDING_OUTPUTS = ("embedding", "normalized_embedding")
 CLASSIFIER_OUTPUTS = ("logits", "probabilities", "top_k_indices", "top_k_scores")
 BACKBONE_OUTPUTS = ("embedding", "tokens")
 # jax2tf: one serialized module that runs on both kinds of TF Serving hosts.
@@ -51,8 +73,13 @@ JAX_SERVING_PLATFORMS = ("cpu", "cuda")
 DEFAULT_BACKBONE_IMAGE_SIZE = 224
 
 
+def signature_names(model) -> tuple[str, ...]:
+    """The signatures `export_saved_model` writes for `model`."""
+    return LIT_SIGNATURES if isinstance(model, AIMv2LiT) else SIGNATURES
+
+
 def export_saved_model(
-    model: AIMImageClassifier | AIMBackbone,
+    model: AIMImageClassifier | AIMBackbone | AIMv2Backbone | AIMv2LiT,
     export_dir: str | os.PathLike,
     version: int | None = None,
     overwrite: bool = False,
@@ -62,7 +89,8 @@ def export_saved_model(
     """Writes `model` as a TF Serving model version; returns its path.
 
     Args:
-        model: an `AIMImageClassifier` or `AIMBackbone` on any backend.
+        model: an `AIMImageClassifier`, `AIMBackbone`, `AIMv2Backbone` or
+            `AIMv2LiT` on any backend.
         export_dir: TF Serving's model base path; the SavedModel goes into
             `export_dir/<version>/`.
         version: positive int; default: one more than the highest existing
@@ -78,7 +106,7 @@ def export_saved_model(
     TF Serving ignores) and renamed into place when complete: a failed
     export leaves existing versions untouched and no partial version behind.
     """
-    _check_exportable(model, top_k)
+    check_exportable(model, top_k, image_text=True)
     version = resolve_version(export_dir, version, overwrite)
     target = Path(export_dir) / str(version)
     with atomic_directory(str(target), replace=True) as staging:
@@ -127,12 +155,29 @@ def _refuse_existing(target: Path, overwrite: bool) -> None:
         )
 
 
-def _check_exportable(model, top_k: int) -> None:
-    if not isinstance(model, (AIMImageClassifier, AIMBackbone)):
+def is_classifier(model) -> bool:
+    """An image classifier (AIM's, or any keras-hub `ImageClassifier`)."""
+    return isinstance(model, ImageClassifier)
+
+
+def is_image_backbone(model) -> bool:
+    """An image trunk: a keras-hub `Backbone` with an `image_shape`."""
+    return isinstance(model, Backbone) and hasattr(model, "image_shape")
+
+
+def check_exportable(model, top_k: int, image_text: bool = False) -> None:
+    """Raises unless `model` is an image classifier or image backbone (or,
+    with `image_text`, an `AIMv2LiT`) and `top_k` a positive int."""
+    if not (
+        is_classifier(model)
+        or is_image_backbone(model)
+        or (image_text and isinstance(model, AIMv2LiT))
+    ):
+        lit = " or an AIMv2LiT" if image_text else ""
         raise TypeError(
-            "export_saved_model exports an AIMImageClassifier or AIMBackbone; "
-            f"received {type(model).__name__}. For other Keras models use "
-            "keras.export.ExportArchive."
+            "keras_aim exports an image classifier or image backbone (e.g. "
+            f"AIMImageClassifier, AIMBackbone, AIMv2Backbone){lit}; received "
+            f"{type(model).__name__}. For other Keras models use model.export()."
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int; received {top_k!r}.")
@@ -140,12 +185,15 @@ def _check_exportable(model, top_k: int) -> None:
 
 def serving_converter(model, image_size: int | None = None) -> AIMImageConverter:
     """The evaluation preprocessing the exported graph runs: the
-    classifier's own converter if it has one, else an `AIMImageConverter`
-    cropping to the trunk's image size (or `image_size`)."""
+    classifier's own converter if it has one, else the family's converter
+    (`AIMImageConverter`, AIMv2's "clip" pipeline) cropping to the trunk's
+    image size (or `image_size`)."""
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None and image_size is None:
         return preprocessor.image_converter
-    backbone = model.backbone if isinstance(model, AIMImageClassifier) else model
+    backbone = model.backbone if is_classifier(model) else model
+    if isinstance(model, AIMv2LiT):
+        backbone = model.vision_encoder
     height, width = backbone.image_shape[:2]
     if image_size is not None:
         if height is not None and (height, width) != (image_size, image_size):
@@ -157,7 +205,7 @@ def serving_converter(model, image_size: int | None = None) -> AIMImageConverter
     elif height is None or width is None:
         height = width = DEFAULT_BACKBONE_IMAGE_SIZE
     check_patch_multiple((height, width), backbone.patch_size, "The export's image size")
-    return AIMImageConverter(image_size=(height, width))
+    return evaluation_converter(backbone, (height, width))
 
 
 def serving_outputs(model, images, top_k: int = 5) -> dict:
@@ -165,7 +213,7 @@ def serving_outputs(model, images, top_k: int = 5) -> dict:
     ops: runs on any backend). Classifier: logits, probabilities `(B, C)`,
     top_k_indices (int32), top_k_scores `(B, k)`; backbone: embedding
     `(B, D)`, tokens `(B, N, D)`; all float32."""
-    if isinstance(model, AIMImageClassifier):
+    if is_classifier(model):
         logits = ops.cast(model(images, training=False), "float32")
         probabilities = ops.softmax(logits, axis=-1)
         # argsort, not ops.top_k: JAX lowers top_k to a StableHLO composite
@@ -181,6 +229,12 @@ def serving_outputs(model, images, top_k: int = 5) -> dict:
         }
     tokens = ops.cast(model(images, training=False), "float32")
     return {"embedding": ops.mean(tokens, axis=1), "tokens": tokens}
+
+
+def embedding_outputs(embedding) -> dict:
+    """`embedding` `(B, P)` and its L2-normalized copy, float32."""
+    embedding = ops.cast(embedding, "float32")
+    return {"embedding": embedding, "normalized_embedding": ops.normalize(embedding, axis=-1)}
 
 
 def write_saved_model(
@@ -199,6 +253,8 @@ def write_saved_model(
         )
     import tensorflow as tf
 
+    from keras_aim.data.images import decode_image
+
     converter = serving_converter(model, image_size)
     height, width = converter.image_size
     archive = keras.export.ExportArchive()
@@ -212,6 +268,10 @@ def write_saved_model(
         backend_kwargs["jax2tf_kwargs"] = {
             "native_serialization_platforms": JAX_SERVING_PLATFORMS
         }
+    if isinstance(model, AIMv2LiT):
+        _add_lit_endpoints(archive, model, converter, backend_kwargs)
+        archive.write_out(path, verbose=False)
+        return
 
     def predict_preprocessed(images):
         return serving_outputs(model, images, top_k)
@@ -238,15 +298,8 @@ def write_saved_model(
     )
     def serve_image_bytes(image_bytes):
         def decode_and_preprocess(data):
-            # JPEG with the accurate IDCT: the same pixels as PIL (what
-            # `keras-aim classify` and the released evaluation read with).
-            image = tf.cond(
-                tf.io.is_jpeg(data),
-                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-            )
-            image.set_shape((None, None, 3))
-            return converter(image)
+            # The decoding `keras-aim classify` and image folders use.
+            return converter(decode_image(data))
 
         images = tf.map_fn(
             decode_and_preprocess,
@@ -262,6 +315,89 @@ def write_saved_model(
         function.get_concrete_function()  # traced once: ExportArchive needs it
         archive.add_endpoint(name, function)
     archive.write_out(path, verbose=False)
+
+
+def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> None:
+    """The LiT model's signatures (`LIT_SIGNATURES`). The model runs in two
+    (jax2tf-)converted endpoints, images at the crop size and token ids at
+    the full context length; decoding, resizing, padding and the zero-shot
+    logits are TensorFlow ops around them."""
+    import tensorflow as tf
+
+    height, width = converter.image_size
+    length = model.text_encoder.sequence_length
+    end_token = model.text_encoder.end_token_id
+
+    def image_outputs(images):
+        return {
+            **embedding_outputs(model.encode_image(images)),
+            "logit_scale": model.logit_scale.scale(),
+        }
+
+    def text_outputs(token_ids):
+        return embedding_outputs(model.encode_text(token_ids))
+
+    images_model = archive.add_endpoint(
+        "image_embedding_preprocessed",
+        image_outputs,
+        input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32, name="images")],
+        **backend_kwargs,
+    )
+    text_model = archive.add_endpoint(
+        "text_embedding_full_length",
+        text_outputs,
+        input_signature=[tf.TensorSpec((None, length), tf.int32, name="token_ids")],
+        **backend_kwargs,
+    )
+
+    def embeddings(outputs):
+        return {k: outputs[k] for k in EMBEDDING_OUTPUTS}
+
+    @tf.function(
+        input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
+    )
+    def image_embedding(images):
+        return embeddings(images_model(converter(images)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32, name="token_ids")])
+    def text_embedding(token_ids):
+        given = tf.shape(token_ids)[1]
+        tf.debugging.assert_less_equal(
+            given, length,
+            message=f"token_ids are longer than the model's {length}; pack the "
+            "texts with truncation (AIMv2Tokenizer.pack(texts, truncate=True)).",
+        )
+        vocabulary = model.text_encoder.vocabulary_size
+        in_vocabulary = tf.reduce_all((token_ids >= 0) & (token_ids < vocabulary))
+        tf.debugging.Assert(
+            in_vocabulary,
+            [f"token_ids must be in 0..{vocabulary - 1} (the model's vocabulary); "
+             "tokenize with the model's AIMv2Tokenizer."],
+        )
+        padded = tf.pad(token_ids, [[0, 0], [0, length - given]], constant_values=end_token)
+        return embeddings(text_model(padded))
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, None, None, 3), tf.uint8, name="images"),
+            tf.TensorSpec((None, model.projection_dim), tf.float32, name="text_embeddings"),
+        ]
+    )
+    def zero_shot(images, text_embeddings):
+        outputs = images_model(converter(images))
+        image = tf.math.l2_normalize(outputs["embedding"], axis=-1)
+        text = tf.math.l2_normalize(text_embeddings, axis=-1)
+        logits = outputs["logit_scale"] * tf.matmul(image, text, transpose_b=True)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    for name, function in (
+        ("serving_default", image_embedding),
+        ("image_embedding", image_embedding),
+        ("text_embedding", text_embedding),
+        ("zero_shot_logits", zero_shot),
+    ):
+        function.get_concrete_function()
+        archive.add_endpoint(name, function)
 
 
 def _write_in_tensorflow_process(model, path, top_k, image_size) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 from keras import ops
+
+from keras_aim.utils.arguments import check_positive_ints
 
 
 def prefix_causal_mask(prefix_lengths, num_tokens: int):
@@ -19,7 +23,7 @@ def prefix_causal_mask(prefix_lengths, num_tokens: int):
     Returns:
         `(batch, 1, N, N)` boolean mask, broadcastable over heads.
     """
-    positions = ops.arange(num_tokens, dtype="int32")
+    positions = ops.arange(0, num_tokens, dtype="int32")  # see position_embedding
     # ops.* (not operators) so that symbolic prefix lengths work too.
     causal = ops.less_equal(positions[None, :], positions[:, None])  # key <= query
     prefix = ops.cast(prefix_lengths, "int32")[:, None, None]
@@ -37,6 +41,11 @@ class AIMFusedQKV(keras.layers.Dense):
     `(2r, D)` = `[B_q; B_v]`, and the kernel becomes
     `W + alpha/r * [A_q B_q, 0, A_v B_v]`. Saving merges the update into the
     kernel, like Keras' Dense.
+
+    `quantize(mode)` (what `model.quantize` calls) quantizes it like a plain
+    `Dense` (int8, int4 and float8 are tested), and LoRA works on the
+    quantized kernel as on a quantized `Dense` (int8, int4): the frozen
+    kernel stays quantized, the adapters are float32.
     """
 
     def enable_lora(
@@ -46,20 +55,26 @@ class AIMFusedQKV(keras.layers.Dense):
             raise ValueError("Build the layer before enabling LoRA.")
         if self.lora_enabled:
             raise ValueError("LoRA is already enabled on this layer.")
-        if self.quantization_mode is not None:
-            raise NotImplementedError("LoRA on a quantized fused qkv is not supported.")
+        if self.quantization_mode in ("gptq", "awq"):
+            raise NotImplementedError(
+                f"LoRA on a {self.quantization_mode}-quantized fused qkv is not "
+                "supported (nor on a Keras Dense); quantize to int8 or int4 instead."
+            )
         dim = self.units // 3
         self._tracker.unlock()
+        # float32 adapters whatever the kernel's dtype, as Keras' Dense does.
         self.lora_kernel_a = self.add_weight(
             name="lora_kernel_a",
             shape=(self._kernel.shape[0], 2 * rank),
             initializer=keras.initializers.get(a_initializer),
+            dtype="float32",
             regularizer=self.kernel_regularizer,
         )
         self.lora_kernel_b = self.add_weight(
             name="lora_kernel_b",
             shape=(2 * rank, dim),
             initializer=keras.initializers.get(b_initializer),
+            dtype="float32",
             regularizer=self.kernel_regularizer,
         )
         self._kernel.trainable = False
@@ -68,18 +83,68 @@ class AIMFusedQKV(keras.layers.Dense):
         self.lora_rank = rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else rank
 
+    @contextlib.contextmanager
+    def _as_dense_lora(self):
+        """Shows the q/v adapters to Dense's own LoRA code as one plain pair.
+
+        Dense adds `alpha/r * A @ B` to its kernel (float), to its outputs
+        (int8, int4) and to the kernel it saves (merged and re-quantized).
+        With `B` replaced by the `(2r, 3D)` block matrix
+        `[[B_q, 0, 0], [0, 0, B_v]]`, `A @ B` is `[A_q B_q, 0, A_v B_v]`:
+        every one of Dense's paths then computes this layer's update, so
+        none of them is rewritten here. The variable is put back on exit.
+        Re-entrant (Dense's saving hook reads `kernel`).
+        """
+        if getattr(self, "_lora_view_active", False):
+            yield
+            return
+        variable = self.lora_kernel_b
+        rank, dim = self.lora_rank, self.units // 3
+        zeros = ops.zeros((rank, dim), variable.dtype)
+        b_q, b_v = variable[:rank], variable[rank:]
+        self.lora_kernel_b = ops.concatenate(
+            [
+                ops.concatenate([b_q, zeros, zeros], axis=1),
+                ops.concatenate([zeros, zeros, b_v], axis=1),
+            ],
+            axis=0,
+        )
+        self._lora_view_active = True
+        try:
+            yield
+        finally:
+            self.lora_kernel_b = variable
+            self._lora_view_active = False
+
     @property
     def kernel(self):
         if not self.lora_enabled:
             return super().kernel
-        r = self.lora_rank
-        a, b = self.lora_kernel_a, self.lora_kernel_b
-        delta_q = ops.matmul(a[:, :r], b[:r])
-        delta_v = ops.matmul(a[:, r:], b[r:])
-        delta = ops.concatenate([delta_q, ops.zeros_like(delta_q), delta_v], axis=1)
-        return ops.cast(
-            self._kernel + (self.lora_alpha / r) * delta, self.compute_dtype
-        )
+        with self._as_dense_lora():
+            return super().kernel
+
+    def quantized_call(self, *args, **kwargs):
+        if not self.lora_enabled:
+            return super().quantized_call(*args, **kwargs)
+        with self._as_dense_lora():
+            return super().quantized_call(*args, **kwargs)
+
+    def _get_kernel_with_merged_lora(self):
+        # Dense's hook for saving: the kernel with the update merged in
+        # (re-quantized for int8 and int4).
+        if not self.lora_enabled:
+            return super()._get_kernel_with_merged_lora()
+        with self._as_dense_lora():
+            return super()._get_kernel_with_merged_lora()
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the kernel like Keras' `Dense.quantize`.
+
+        Dense refuses its subclasses by default (`type_check`) because it
+        cannot know how they compute; this one computes exactly as Dense
+        does (its LoRA aside, handled by `_as_dense_lora`), so it opts in.
+        """
+        super().quantize(mode, type_check=False, config=config)
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -112,6 +177,7 @@ class AIMAttention(keras.layers.Layer):
 
     def __init__(self, hidden_dim: int, num_heads: int, **kwargs):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, hidden_dim=hidden_dim, num_heads=num_heads)
         if hidden_dim % num_heads != 0:
             raise ValueError(
                 f"hidden_dim={hidden_dim} is not divisible by "
@@ -158,6 +224,33 @@ class AIMAttention(keras.layers.Layer):
         return config
 
 
+def _one_replica():
+    return 0, 1
+
+
+_replica_position = [_one_replica]
+
+
+def replica_position() -> tuple[int, int]:
+    """`(this replica's index, replicas in sync)` for a layer that draws one
+    random value per image of the global batch: replica i holds rows
+    `[i * b, (i + 1) * b)` of each global batch of `replicas * b`. `(0, 1)`
+    unless a backend's distribution code set a way to find out
+    (`set_replica_position`)."""
+    return _replica_position[0]()
+
+
+def set_replica_position(function) -> None:
+    """Installs `function() -> (index, count)` as `replica_position`.
+
+    Layers stay backend-agnostic: the distribution code of a backend whose
+    replicas each run the model on a slice of the batch
+    (`keras_aim.training.distribution_tf`, for tf.distribute) installs its
+    own when it makes a strategy. JAX's keras.distribution traces one
+    program for the global batch and needs none."""
+    _replica_position[0] = function
+
+
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMPrefixSampler(keras.layers.Layer):
     """Samples each image's prefix length S uniformly from [1, N-1].
@@ -167,6 +260,10 @@ class AIMPrefixSampler(keras.layers.Layer):
     use the fixed `eval_seed`, so evaluation sees the same prefix lengths
     every time and its loss is comparable across epochs.
 
+    With `causal_only`, every prefix length is 1: the prefix-causal mask is
+    then plain causal attention and every next-patch target counts (the
+    paper's causal baseline).
+
     Call arguments:
         images: `(B, H, W, C)`; only the batch size is used.
         training: as usual.
@@ -175,7 +272,14 @@ class AIMPrefixSampler(keras.layers.Layer):
         `(B,)` int32 prefix lengths.
     """
 
-    def __init__(self, num_patches: int, seed=None, eval_seed: int = 1234, **kwargs):
+    def __init__(
+        self,
+        num_patches: int,
+        seed=None,
+        eval_seed: int = 1234,
+        causal_only: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_patches < 2:
             raise ValueError(
@@ -185,6 +289,7 @@ class AIMPrefixSampler(keras.layers.Layer):
         self.num_patches = num_patches
         self.seed = seed
         self.eval_seed = eval_seed
+        self.causal_only = causal_only
         # Named after the layer: the state's variable path stays the same
         # however many generators the process made before (checkpoints key
         # variables by path).
@@ -194,15 +299,13 @@ class AIMPrefixSampler(keras.layers.Layer):
 
     def call(self, images, training=None):
         batch = ops.shape(images)[0]
+        if self.causal_only:
+            return ops.ones((batch,), dtype="int32")
         seed = self.seed_generator if training else self.eval_seed
-        replica, replicas = 0, 1
-        if keras.config.backend() == "tensorflow":
-            # Under tf.distribute each replica holds a slice of the global
-            # batch: draw for the whole batch, keep this replica's rows (as
-            # one device, or JAX's keras.distribution, would draw them).
-            from keras_aim.layers import replicas_tf
-
-            replica, replicas = replicas_tf.replica_position()
+        # When each replica holds a slice of the global batch (TensorFlow's
+        # tf.distribute): draw for the whole batch, keep this replica's rows,
+        # as one device (or JAX's keras.distribution) would draw them.
+        replica, replicas = replica_position()
         draws = keras.random.randint(
             (batch * replicas,), minval=1, maxval=self.num_patches, dtype="int32", seed=seed
         )
@@ -223,6 +326,7 @@ class AIMPrefixSampler(keras.layers.Layer):
                 "num_patches": self.num_patches,
                 "seed": self.seed,
                 "eval_seed": self.eval_seed,
+                "causal_only": self.causal_only,
             }
         )
         return config

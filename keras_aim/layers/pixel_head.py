@@ -8,6 +8,7 @@ from keras import ops
 from keras_aim.layers.mlp import AIMMLP
 from keras_aim.layers.position_embedding import sincos_2d_position_embedding
 from keras_aim.layers.remat import make_blocks
+from keras_aim.utils.arguments import check_positive_ints
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -95,6 +96,8 @@ class AIMPixelHead(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_positive_ints(type(self).__name__, patch_size=patch_size,
+                            num_channels=num_channels, width=width, depth=depth)
         self.remat = remat
         self.patch_size = patch_size
         self.num_channels = num_channels

@@ -8,7 +8,9 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from typing import Callable
 
 from keras_aim.version import __version__
 
@@ -21,6 +23,11 @@ class DownloadError(OSError):
 
 class ChecksumError(ValueError):
     """A downloaded file does not have the published SHA-256 digest."""
+
+
+class CorruptDownloadError(ValueError):
+    """A downloaded file failed the structural check given for it (where no
+    SHA-256 digest is recorded); it was deleted."""
 
 
 class OfflineError(FileNotFoundError):
@@ -40,50 +47,83 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(
-    path: str, expected_prefix: str, source: str, delete: bool = True
-) -> None:
-    """Raises `ChecksumError` unless the file's SHA-256 starts with
-    `expected_prefix`; with `delete`, the bad file is removed first."""
+FULL_DIGEST_LENGTH = 64
+MIN_PREFIX_LENGTH = 8
+
+
+def check_digest(expected: str) -> str:
+    """`expected` (a SHA-256 hex digest, or a prefix of at least 8 hex
+    digits) in lower case; raises `ValueError` for anything else."""
+    text = str(expected).lower()
+    if not (MIN_PREFIX_LENGTH <= len(text) <= FULL_DIGEST_LENGTH) or any(
+        c not in "0123456789abcdef" for c in text
+    ):
+        raise ValueError(
+            f"{expected!r} is not a SHA-256 digest: give its 64 hex digits "
+            f"(or at least the first {MIN_PREFIX_LENGTH})."
+        )
+    return text
+
+
+def digest_strength(expected: str) -> str:
+    """How much a published checksum pins the file down, in words."""
+    if len(expected) == FULL_DIGEST_LENGTH:
+        return "full SHA-256"
+    return f"SHA-256 prefix ({4 * len(expected)} bits)"
+
+
+def verify_sha256(path: str, expected: str, source: str, fix: str | None = None) -> None:
+    """Raises `ChecksumError` unless the file's SHA-256 equals `expected`
+    (a full digest) or starts with it (a prefix). `fix` ends the message;
+    by default the file (a download in progress) is deleted and the
+    message says to run again."""
+    expected = check_digest(expected)
     actual = sha256_file(path)
-    if actual.startswith(expected_prefix.lower()):
+    if actual.startswith(expected):
         return
-    if delete:
+    if fix is None:
         os.remove(path)
         fix = (
             "The corrupt file was deleted; run again to download it anew, "
             "or check KERAS_AIM_BASE_URL if you use a mirror."
         )
-    else:
-        fix = f"Replace {path} with the released file."
+    what = "SHA-256" if len(expected) == FULL_DIGEST_LENGTH else "SHA-256 starting with"
     raise ChecksumError(
         f"Checksum mismatch for {os.path.basename(source)} (from {source}): "
-        f"expected SHA-256 starting with {expected_prefix}, got {actual}. "
-        + fix
+        f"expected {what} {expected}, got {actual}. " + fix
     )
 
 
 def download_file(
     url: str,
     destination: str,
-    sha256_prefix: str,
+    sha256: str | None,
     retries: int = 4,
     timeout: float = 60.0,
     progress: bool = True,
+    verify: Callable[[str], None] | None = None,
 ) -> str:
     """Downloads `url` to `destination`, verified and atomically.
 
     Data goes to `destination + ".part"`; an interrupted download resumes
     from there (HTTP Range) on the next attempt or call. Only a file whose
-    SHA-256 starts with `sha256_prefix` is renamed to `destination`; a
-    mismatch deletes it and raises `ChecksumError`. Connection failures are
-    retried `retries` times with backoff, then raise `DownloadError`.
+    SHA-256 matches `sha256` (a full digest or a prefix) is renamed
+    to `destination`; a mismatch deletes it and raises `ChecksumError`.
+    Connection failures are retried `retries` times with backoff, then
+    raise `DownloadError`, which says how to work offline.
+
+    `sha256=None` means no digest is recorded: then `verify(path)` (which
+    raises on a bad file) is what checks the download; a file it rejects
+    is deleted and `CorruptDownloadError` raised.
     """
+    if sha256 is not None:
+        check_digest(sha256)
     if offline():
         raise OfflineError(
             f"KERAS_AIM_OFFLINE is set and {os.path.basename(destination)} "
             f"is not on disk. Download it from {url} and put it at "
-            f"{destination}, or unset KERAS_AIM_OFFLINE."
+            f"{destination} (it is verified before use), or unset "
+            "KERAS_AIM_OFFLINE."
         )
     os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
     partial = destination + ".part"
@@ -104,16 +144,46 @@ def download_file(
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             if attempt == retries:
                 raise DownloadError(
-                    f"Downloading {url} failed after {retries + 1} attempts "
-                    f"({error}). The partial file {partial} is kept; run "
-                    "again to resume."
+                    _failure_message(url, destination, partial, retries + 1, error)
                 ) from error
         time.sleep(min(0.5 * 2**attempt, 8.0))
     else:
         raise DownloadError(f"Downloading {url} failed after {retries + 1} attempts.")
-    verify_sha256(partial, sha256_prefix, url)
+    if sha256 is not None:
+        verify_sha256(partial, sha256, url)
+    if verify is not None:
+        try:
+            verify(partial)
+        except Exception as error:
+            os.remove(partial)
+            raise CorruptDownloadError(
+                f"The download of {url} is damaged and was deleted: {error} "
+                "Run again to download it anew, or check KERAS_AIM_HUB_URL / "
+                "KERAS_AIM_BASE_URL if you use a mirror."
+            ) from error
     os.replace(partial, destination)
     return destination
+
+
+def _failure_message(url, destination, partial, attempts, error) -> str:
+    """What went wrong and what to do: resume a partial file, or work
+    offline with a file fetched elsewhere."""
+    reason = getattr(error, "reason", None) or error
+    kept = os.path.getsize(partial) if os.path.exists(partial) else 0
+    if kept:
+        return (
+            f"Downloading {url} failed after {attempts} attempts ({reason}). "
+            f"The {kept:,} bytes received so far are kept in {partial}; run "
+            "again to resume."
+        )
+    host = urllib.parse.urlsplit(url).netloc
+    return (
+        f"Could not download {url} after {attempts} attempts ({reason}): no "
+        f"network, or {host} cannot be reached. To work without a network, "
+        f"download that file on another machine, put it at {destination} "
+        "and set KERAS_AIM_OFFLINE=1 (the file is verified before use); "
+        "KERAS_AIM_BASE_URL points at a mirror."
+    )
 
 
 def _fetch_into(url: str, partial: str, timeout: float, progress: bool) -> None:

@@ -10,6 +10,8 @@ that builds its model and fills the staging folder (see
 Cache layout (`$KERAS_AIM_HOME`, default `~/.keras/keras_aim`):
 
     downloads/<released file>              verified released files
+    downloads/<model_id>/<revision>/<file> files of Hub repositories (every
+                                           AIMv2 checkpoint is model.safetensors)
     presets/<preset>[-<dtype>]/            keras-hub preset: config.json,
         metadata.json, model.weights.h5 (sharded when large),
         preprocessor.json, image_converter.json
@@ -60,7 +62,7 @@ def release_url(filename: str, default_base_url: str) -> str:
 
 
 def downloaded_path(filename: str) -> str:
-    return os.path.join(keras_aim_home(), "downloads", filename)
+    return os.path.join(keras_aim_home(), "downloads", *filename.split("/"))
 
 
 @contextlib.contextmanager
@@ -104,22 +106,50 @@ def release_file(
     release_dir: str | None = None,
     progress: bool = True,
 ) -> str:
-    """Local path of a released file: from `release_dir` (verified), the
-    download cache, or the network (verified before it is kept)."""
+    """Local path of a released file, verified against `sha256` (a digest
+    or its prefix) wherever it came from: `release_dir`, the download cache
+    (where a user may have put it by hand) or the network.
+
+    A file on disk that does not match raises `ChecksumError` and is left
+    where it is (it may be the user's only copy)."""
+    url = release_url(filename, base_url)
     if release_dir is not None:
         candidate = os.path.join(release_dir, filename)
         if os.path.exists(candidate):
-            verify_sha256(candidate, sha256, candidate, delete=False)
+            verify_sha256(candidate, sha256, candidate, fix=(
+                f"Replace {candidate} with the released file ({url})."
+            ))
             return candidate
     cached = downloaded_path(filename)
+    if os.path.exists(cached):
+        verify_sha256(cached, sha256, cached, fix=(
+            f"It is damaged or not the released file: delete it to download "
+            f"it again, or replace it with the released file ({url})."
+        ))
+        return cached
+    with entry_lock(cached, progress):
+        if os.path.exists(cached):  # another process finished it meanwhile
+            return cached
+        return download_file(url, cached, sha256, progress=progress)
+
+
+def url_file(
+    cache_name: str,
+    url: str,
+    sha256: str | None,
+    verify: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> str:
+    """Local path of the file at `url`, kept as `downloads/<cache_name>`
+    (a relative path with `/`): from the download cache, or downloaded and
+    checked (SHA-256 if known, else `verify(path)`) before it is kept."""
+    cached = downloaded_path(cache_name)
     if os.path.exists(cached):
         return cached
     with entry_lock(cached, progress):
         if os.path.exists(cached):  # another process finished it meanwhile
             return cached
-        return download_file(
-            release_url(filename, base_url), cached, sha256, progress=progress
-        )
+        return download_file(url, cached, sha256, progress=progress, verify=verify)
 
 
 def variable_dtype(dtype) -> str:

@@ -1,8 +1,9 @@
 """Reading PyTorch-style state dicts and filling Keras variables from them.
 
 Checkpoints of the released models are PyTorch state dicts (`.pth` zip
-files, read here without torch, one tensor at a time), `.safetensors` files,
-or in-memory dicts of arrays. A model family's converter (e.g.
+files, read here without torch, one tensor at a time), `.safetensors` files
+(read one tensor at a time too, `safetensors_file`), or in-memory dicts of
+arrays. A model family's converter (e.g.
 `keras_aim.models.aim.convert_aim`) maps its key names to Keras variables and
 a layout transform; `assign_strictly` checks every key and shape of that map
 before it changes any variable. This module imports no model.
@@ -15,14 +16,17 @@ torch conv `OIHW` -> Keras `HWIO` (`conv`); everything else as is
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pickle
 import zipfile
+import zlib
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 StateDictLike = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -72,9 +76,10 @@ class _StateDict:
                 "the path."
             )
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            self._reader = _SafetensorsReader(safe_open(path, framework="numpy"))
+            try:
+                self._reader = SafetensorsFile(path)
+            except SafetensorsFormatError as error:
+                raise WeightLoadingError(str(error)) from error
         elif zipfile.is_zipfile(path):
             self._reader = TorchZipReader(path)
         elif _starts_with(path, b"PK\x03\x04"):
@@ -83,8 +88,15 @@ class _StateDict:
                 "probably truncated while downloading. Delete it and "
                 "download it again."
             )
-        else:  # PyTorch's legacy (pre-1.6) format: only torch reads it.
+        elif _starts_with(path, _LEGACY_TORCH_MAGIC):
+            # PyTorch's legacy (pre-1.6) format: only torch reads it.
             self._tensors = _torch_load(path)
+        else:
+            raise WeightLoadingError(
+                f"{path!r} is not a weights file: neither a PyTorch checkpoint "
+                "(.pth, a zip) nor .safetensors. Pass the released file; if it "
+                "was downloaded, delete it and download it again."
+            )
 
     def keys(self) -> list[str]:
         if self._reader is not None:
@@ -101,6 +113,13 @@ class _StateDict:
             return self._reader.array(key)
         return _to_numpy(self._tensors[key])
 
+    def verify(self, keys) -> None:
+        """Reads the data of `keys` once, without keeping it, and raises
+        `WeightLoadingError` if any of it is damaged (checksums, sizes):
+        afterwards `array` cannot fail on these keys."""
+        if self._reader is not None:
+            self._reader.verify(keys)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
@@ -110,23 +129,6 @@ def open_state_dict(source: StateDictLike) -> _StateDict:
     """A released-format state dict (`.pth`, `.safetensors` or a dict),
     opened lazily: `keys()`, `shape(key)`, `array(key)`, `close()`."""
     return _StateDict(source)
-
-
-class _SafetensorsReader:
-    def __init__(self, handle):
-        self._handle = handle
-
-    def keys(self) -> list[str]:
-        return list(self._handle.keys())
-
-    def shape(self, key: str) -> tuple:
-        return tuple(self._handle.get_slice(key).get_shape())
-
-    def array(self, key: str) -> np.ndarray:
-        return self._handle.get_tensor(key)
-
-    def close(self) -> None:
-        pass
 
 
 # torch storage classes -> NumPy dtypes (bfloat16 through ml_dtypes).
@@ -155,6 +157,11 @@ class _TensorRecord(NamedTuple):
 def _rebuild_tensor(storage, offset, shape, stride, *unused):
     key, dtype = storage
     return _TensorRecord(key, dtype, offset, tuple(shape), tuple(stride))
+
+
+# What `torch.save(..., _use_new_zipfile_serialization=False)` writes first:
+# pickle protocol 2 and torch's magic number as a 10-byte long.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -205,12 +212,24 @@ class TorchZipReader:
         try:
             with self._zip.open(pickles[0]) as handle:
                 self._records = _StateDictUnpickler(handle).load()
-        except (pickle.UnpicklingError, ValueError, EOFError) as error:
+        except Exception as error:  # a damaged pickle raises many types
             raise WeightLoadingError(
                 f"Could not read {path!r} as a PyTorch state dict ({error})."
             ) from error
         if not isinstance(self._records, Mapping):
             raise WeightLoadingError(f"{path!r} does not hold a state dict.")
+        self._sizes = {info.filename: info.file_size for info in self._zip.infolist()}
+        for key, record in self._records.items():
+            problem = _record_problem(record, self._sizes.get(self._storage_name(record)))
+            if problem:
+                raise WeightLoadingError(
+                    f"{path!r} is damaged or not a PyTorch checkpoint: tensor "
+                    f"{key!r} {problem}. Nothing was loaded; delete the file "
+                    "and download it again."
+                )
+
+    def _storage_name(self, record) -> str:
+        return f"{self._prefix}data/{getattr(record, 'storage', '')}"
 
     def keys(self) -> list[str]:
         return list(self._records)
@@ -219,9 +238,17 @@ class TorchZipReader:
         return self._records[key].shape
 
     def array(self, key: str) -> np.ndarray:
+        """The tensor `key` (its storage, offset and strides were checked
+        against the bytes in the file when the reader opened it)."""
         record = self._records[key]
         dtype = np.dtype(_numpy_dtype(record.dtype))
-        data = self._zip.read(f"{self._prefix}data/{record.storage}")
+        name = self._storage_name(record)
+        with self._damage_reported(key):
+            data = self._zip.read(name)
+            if len(data) != self._sizes[name]:
+                raise zipfile.BadZipFile(
+                    f"{len(data)} bytes instead of {self._sizes[name]}"
+                )
         flat = np.frombuffer(data, dtype=dtype)
         return np.lib.stride_tricks.as_strided(
             flat[record.offset :],
@@ -230,8 +257,64 @@ class TorchZipReader:
             writeable=False,
         )
 
+    def verify(self, keys) -> None:
+        """Streams every storage of `keys` through zip's CRC check, holding
+        one chunk at a time."""
+        storages = {self._storage_name(self._records[k]): k for k in keys}
+        for name, key in storages.items():
+            with self._damage_reported(key), self._zip.open(name) as handle:
+                while handle.read(_VERIFY_CHUNK_BYTES):
+                    pass
+
+    @contextlib.contextmanager
+    def _damage_reported(self, key: str):
+        """Turns zip's errors about damaged data into one naming the file."""
+        try:
+            yield
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+            raise WeightLoadingError(
+                f"{self.path!r} is damaged: the data of {key!r} fails its zip "
+                f"check ({error}). Nothing was loaded; delete the file and "
+                "download it again."
+            ) from error
+
     def close(self) -> None:
         self._zip.close()
+
+
+_VERIFY_CHUNK_BYTES = 1 << 24
+
+
+def _record_problem(record, storage_bytes: int | None) -> str:
+    """Why `record` cannot be a view of `storage_bytes` bytes ("" if it can):
+    every index the shape, strides and offset reach must lie inside them."""
+    if not isinstance(record, _TensorRecord):
+        return f"is a {type(record).__name__}, not a tensor"
+    if record.dtype not in _TORCH_STORAGE_DTYPES.values():
+        return f"has an unknown storage type {record.dtype!r}"
+    if storage_bytes is None:
+        return f"names a storage ({record.storage!r}) that is not in the file"
+
+    def whole(values):
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+    if not (whole(record.shape) and whole(record.stride) and whole([record.offset])):
+        return (f"has an invalid shape {record.shape}, strides {record.stride} "
+                f"or offset {record.offset!r}")
+    if len(record.shape) != len(record.stride):
+        return f"has {len(record.shape)} dimensions but {len(record.stride)} strides"
+    itemsize = np.dtype(_numpy_dtype(record.dtype)).itemsize
+    if storage_bytes % itemsize:
+        return (f"has a {record.dtype} storage of {storage_bytes} bytes, not a "
+                f"multiple of {itemsize}")
+    if 0 in record.shape:
+        return ""
+    last = record.offset + sum((n - 1) * s for n, s in zip(record.shape, record.stride))
+    if (last + 1) * itemsize > storage_bytes:
+        return (f"declares shape {record.shape} (strides {record.stride}, offset "
+                f"{record.offset}) reaching {(last + 1) * itemsize} bytes of "
+                f"{record.dtype} data, but its storage holds {storage_bytes}")
+    return ""
 
 
 def _starts_with(path: str, magic: bytes) -> bool:
@@ -252,10 +335,13 @@ def _torch_load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for bad files
+        # torch's own message may advise weights_only=False, which runs any
+        # code the file holds: never pass that on for a file of unknown origin.
         raise WeightLoadingError(
-            f"Could not read {path!r} as a PyTorch state dict ({error}). The "
-            "file may be truncated or not a released AIM checkpoint; delete "
-            "it and download it again."
+            f"Could not read {path!r} as a PyTorch state dict (torch's "
+            f"restricted loader refused it: {type(error).__name__}). The file "
+            "may be truncated, damaged or not a released AIM checkpoint; "
+            "delete it and download it again."
         ) from error
 
 
@@ -328,6 +414,11 @@ def assign_strictly(
         if hint:
             lines.append(hint)
         raise WeightLoadingError("\n".join(lines))
+    # All-or-nothing on the data too: every tensor is read once (and
+    # dropped) before any variable changes, so a damaged file leaves the
+    # model as it was. This costs a second read of the file, not memory.
+    for source in sources:
+        source.verify([key for key in expected if found[key] is source])
     limit_heap_fragmentation()
     for key, (variable, transform) in expected.items():
         _assign(variable, transform(found[key].array(key)))
@@ -338,4 +429,5 @@ def _assign(variable, value: np.ndarray) -> None:
 
     if value.dtype.name == "bfloat16":  # not every backend takes ml_dtypes
         value = value.astype("float32")
-    variable.assign(ops.cast(np.ascontiguousarray(value), variable.dtype))
+    # np.require, not np.ascontiguousarray: that one turns 0-d into (1,).
+    variable.assign(ops.cast(np.require(value, requirements="C"), variable.dtype))

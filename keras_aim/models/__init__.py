@@ -5,8 +5,9 @@
 (the released checkpoints' key names).
 
 - `aim`: AIM-v1 (Apple, ICML 2024).
+- `aimv2`: AIMv2 (Apple, CVPR 2025): vision encoders and the LiT model.
 """
 
 from keras_aim.utils.lazy_imports import lazy_attributes
 
-__getattr__, __dir__ = lazy_attributes(__name__, {"aim": "keras_aim.models.aim"})
+__getattr__, __dir__ = lazy_attributes(__name__, {"aim": "keras_aim.models.aim", "aimv2": "keras_aim.models.aimv2"})

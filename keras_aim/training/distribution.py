@@ -45,6 +45,7 @@ _MODEL_SHARDED = {
     r".*attn/qkv/kernel": (None, MODEL_DIM),
     r".*attn/proj/kernel": (MODEL_DIM, None),
     r".*mlp/fc1/kernel": (None, MODEL_DIM),
+    r".*mlp/fc3/kernel": (None, MODEL_DIM),  # AIMv2's SwiGLU "up", beside fc1
     r".*mlp/fc2/kernel": (MODEL_DIM, None),
     # Patch embedding: (p, p, C, D), split over D.
     r".*patch_embedding/conv/kernel": (None, None, None, MODEL_DIM),

@@ -12,6 +12,23 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_aim.layers import attention
+
+
+def replica_position() -> tuple[int, int]:
+    """`(this replica's index, replicas in sync)`: under MirroredStrategy
+    and MultiWorkerMirroredStrategy, replica i holds rows
+    `[i * b, (i + 1) * b)` of each global batch of `replicas * b`. `(0, 1)`
+    outside a multi-replica step."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 0, 1
+    return context.replica_id_in_sync_group, context.num_replicas_in_sync
+
+
+# Layers that draw per image of the global batch (AIMPrefixSampler) ask this.
+attention.set_replica_position(replica_position)
+
 
 def mirrored_strategy(num_replicas: int) -> tf.distribute.MirroredStrategy:
     """A `MirroredStrategy` over `num_replicas` GPUs or, without GPUs, over

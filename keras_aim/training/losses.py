@@ -49,10 +49,14 @@ def normalized_patch_targets(images, patch_size: int, epsilon=PATCH_NORM_EPSILON
     return (patches - mean) / std
 
 
-def next_patch_errors(images, predictions, patch_size: int):
+def next_patch_errors(images, predictions, patch_size: int, normalize_targets: bool = True):
     """`(B, N-1)` mean squared error of each next-patch prediction:
-    `predictions[:, k]` against the normalized patch `k + 1`."""
-    targets = normalized_patch_targets(images, patch_size)
+    `predictions[:, k]` against patch `k + 1`, per-patch normalized (AIM's
+    target) or, with `normalize_targets=False`, its pixels as they are."""
+    if normalize_targets:
+        targets = normalized_patch_targets(images, patch_size)
+    else:
+        targets = ops.cast(patchify(images, patch_size), "float32")
     return ops.mean(
         ops.square(ops.cast(predictions[:, :-1], "float32") - targets[:, 1:]), axis=-1
     )
@@ -66,7 +70,9 @@ def next_patch_target_mask(prefix_lengths, num_patches: int):
     return ops.cast(ops.greater_equal(positions, prefix), "float32")
 
 
-def next_patch_pixel_loss(images, predictions, prefix_lengths, patch_size: int):
+def next_patch_pixel_loss(
+    images, predictions, prefix_lengths, patch_size: int, normalize_targets: bool = True
+):
     """The AIM pre-training loss (scalar).
 
     Mean squared error between `predictions[:, :-1]` and the normalized
@@ -78,18 +84,22 @@ def next_patch_pixel_loss(images, predictions, prefix_lengths, patch_size: int):
         predictions: `(B, N, p*p*C)` pixel-head outputs.
         prefix_lengths: `(B,)` ints, the prefix length S of each image.
         patch_size: p.
+        normalize_targets: `False` compares with the patches' pixels as
+            they are instead of per-patch normalized ones (an ablation).
     """
     error_sum, count = next_patch_pixel_loss_terms(
-        images, predictions, prefix_lengths, patch_size
+        images, predictions, prefix_lengths, patch_size, normalize_targets
     )
     return error_sum / ops.maximum(count, 1.0)
 
 
-def next_patch_pixel_loss_terms(images, predictions, prefix_lengths, patch_size: int):
+def next_patch_pixel_loss_terms(
+    images, predictions, prefix_lengths, patch_size: int, normalize_targets: bool = True
+):
     """The numerator and denominator of `next_patch_pixel_loss`: the summed
     per-position errors of the counted targets, and their number (scalars).
     Data-parallel replicas add both up across the global batch."""
-    errors = next_patch_errors(images, predictions, patch_size)
+    errors = next_patch_errors(images, predictions, patch_size, normalize_targets)
     mask = next_patch_target_mask(prefix_lengths, ops.shape(predictions)[1])
     return ops.sum(errors * mask), ops.sum(mask)
 

@@ -22,17 +22,39 @@ from keras_aim.training.optimizers import adamw_warmup_cosine
 from keras_aim.utils.atomic_files import atomic_directory, atomic_file
 
 
+class _BlockFeatures(keras.Model):
+    """`backbone.extract_features(images, blocks)` as a model, so that
+    `predict_on_batch` compiles it once (per input shape) on backends that
+    compile, instead of running it op by op."""
+
+    def __init__(self, backbone, block_indices: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.block_indices = list(block_indices)
+
+    def call(self, images):
+        return self.backbone.extract_features(images, self.block_indices)
+
+
 def _feature_batches(backbone, images, block_indices, batch_size):
     """Yields `(features (b, N, D) float32, labels (b,) or None)` per batch;
     raises once the data turns out to hold no images."""
     if isinstance(images, np.ndarray):
         images = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    extractor = _BlockFeatures(backbone, block_indices, name="block_features")
+    full = None  # the first batch's size: a shorter last batch is padded to it
     empty = True
     for batch in images:
         labels = None
         if isinstance(batch, (tuple, list)):
             batch, labels = batch[0], np.asarray(batch[1])
-        features = backbone.extract_features(batch, list(block_indices))
+        batch = np.asarray(batch)
+        backbone.check_images(batch)  # a clear error before any tracing
+        count = len(batch)
+        full = full or count
+        if count < full:  # same shape, so no second compilation
+            batch = np.concatenate([batch, np.repeat(batch[-1:], full - count, axis=0)])
+        features = extractor.predict_on_batch(batch)[:count]
         empty = False
         yield keras.ops.convert_to_numpy(features).astype("float32"), labels
     if empty:

@@ -5,7 +5,7 @@
 
 Every writer in keras_aim that produces a file or folder a user keeps
 (cached presets, checkpoints, probes, adapters, exports, features, figures)
-goes through these two context managers: the data is written beside the
+goes through these context managers: the data is written beside the
 target under a hidden name, flushed to disk (`fsync` of the files and of the
 folder holding them), then renamed into place in one step. A failure or a
 kill at any moment leaves the previous version, or nothing (except, after a
@@ -47,13 +47,26 @@ def _fsync_tree(folder: str) -> None:
         fsync_path(root)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system
+    tells (Linux); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def _ordinary_permissions(path: str, directory: bool) -> None:
     """`mkdtemp`/`mkstemp` create private (0700/0600) entries; a kept file or
     folder gets what `open`/`mkdir` would give it under the umask, so that
     other users (e.g. a model server) can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def _file_staging_parts(path: str) -> tuple[str, str, str]:
@@ -112,6 +125,31 @@ def atomic_file(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(staging):
             os.remove(staging)
+
+
+@contextlib.contextmanager
+def atomic_file_with_companions(path: str) -> Iterator[str]:
+    """For writers that put companion files beside their main file and
+    record their names in it (OpenVINO's `.bin`, ONNX's external weights):
+    yields `path`'s name inside a hidden staging folder beside it. On
+    success every file written there is flushed and moved beside `path`,
+    the companions first and the main file last (it appears only once its
+    companions are complete); on failure the folder is removed and nothing
+    beside `path` changes."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
+    try:
+        staged = os.path.join(staging, name)
+        yield staged
+        _fsync_tree(staging)
+        for companion in sorted(os.listdir(staging)):
+            if companion != name:
+                os.replace(os.path.join(staging, companion), os.path.join(folder, companion))
+        os.replace(staged, path)
+        fsync_path(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager

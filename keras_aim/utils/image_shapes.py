@@ -7,6 +7,7 @@ export and the recipes all ask it.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 
@@ -43,13 +44,14 @@ def check_patch_multiple(
 
 def static_size(size):
     """An int, or `None` for unknown sizes: `None` or symbolic (JAX shape
-    polymorphism while exporting, where the batch size is a variable)."""
-    if size is None:
-        return None
-    try:
+    polymorphism and `torch.export`, where the batch size is a variable).
+
+    Symbolic sizes are never turned into ints: `int()` of a `torch.SymInt`
+    would fix the exported program to the example's batch size.
+    """
+    if isinstance(size, numbers.Integral):
         return int(size)
-    except Exception:  # jax's InconclusiveDimensionOperation
-        return None
+    return None
 
 
 def check_image_shape(

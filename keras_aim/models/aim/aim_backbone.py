@@ -13,25 +13,34 @@ from keras_aim.layers import (
     AIMTransformerBlock,
 )
 from keras_aim.layers.remat import make_blocks
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import (
     limit_heap_fragmentation,
     variables_to_be_overwritten,
     zeros_while_loading,
 )
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
     AIMImageClassifierPreprocessor,
 )
 from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.models.intermediates import TrunkIntermediates
 from keras_aim.training import distribution
+from keras_aim.utils import image_inputs
+from keras_aim.utils.arguments import check_positive_ints
+from keras_aim.utils.class_properties import classproperty
 from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMBackbone(Backbone):
+class AIMBackbone(TrunkIntermediates, Backbone):
     """The AIM-v1 trunk: a ViT without class token.
+
+    Inputs are ImageNet-normalized float images (`AIMImageConverter` makes
+    them from pixels in [0, 255]: resize, center crop, `(x / 255 - mean) /
+    std`); uint8 pixels are warned about once.
 
     images `(B, H, W, C)` -> patch embedding + LayerNorm `(B, H/p, W/p, D)`
     -> + fixed 2-D sin-cos position embedding -> raster-order tokens
@@ -39,8 +48,11 @@ class AIMBackbone(Backbone):
     `post_trunk_norm` -> `(B, N, D)`.
 
     Calling the backbone returns the post_trunk_norm tokens. Use
-    `block_outputs()` for the outputs of individual blocks (before the final
-    norm), and `encode()` to run the trunk with an attention mask.
+    `forward_intermediates()` (timm's feature API) for the outputs of
+    individual blocks as tokens or a `(B, h, w, D)` grid, with or without
+    the final norm, and the embedding (the first block's input);
+    `block_outputs()` is its short form. `encode()` runs the trunk with an
+    attention mask.
 
     Args:
         image_shape: `(height, width, channels)`; height and width may be
@@ -62,6 +74,8 @@ class AIMBackbone(Backbone):
     backbone = keras_aim.AIMBackbone.from_preset("aim_600m", load_weights=False)
     tokens = backbone(images)                          # (B, 256, 1536)
     blocks = backbone.block_outputs(images, [22, 23])  # 2 x (B, 256, 1536)
+    grids = backbone.forward_intermediates(images, 4, output_fmt="NHWC")
+    grids["intermediates"]                             # 4 x (B, 16, 16, 1536)
     ```
     """
 
@@ -131,24 +145,34 @@ class AIMBackbone(Backbone):
 
     # --- Running the trunk -------------------------------------------------
 
-    def _run_trunk(self, images, attention_mask, block_indices, final_norm):
-        wanted = sorted(set(block_indices))
-        last = wanted[-1] if wanted else -1
-        if final_norm:
-            last = self.num_layers - 1
+    def trunk_intermediates(self, images, last_block: int, attention_mask=None):
+        """`(embedding, outputs)`: the input of the first block (patch
+        embedding + position embedding) `(B, N, D)` and the outputs of
+        blocks `0..last_block` (a list of `(B, N, D)`); no later block runs."""
         if self.remat and attention_mask is not None:
             # TensorFlow's remat (recompute_grad) differentiates every input
             # and takes none by keyword: the mask goes positionally, as 0/1
             # floats (the attention casts it back).
             attention_mask = keras.ops.cast(attention_mask, "float32")
         x = self.position_embedding(self.patch_embedding(images))
-        x = self.flatten_grid(x)
-        outputs = {}
-        for i in range(last + 1):
+        embedding = x = self.flatten_grid(x)
+        outputs = []
+        for i in range(last_block + 1):
             x = self.blocks[i](x, attention_mask)
-            outputs[i] = x
+            outputs.append(x)
+        return embedding, outputs
+
+    def final_norm(self, tokens):
+        """`post_trunk_norm`: the norm after the last block."""
+        return self.post_trunk_norm(tokens)
+
+    def _run_trunk(self, images, attention_mask, block_indices, final_norm):
+        last = max(block_indices, default=-1)
+        if final_norm:
+            last = self.num_layers - 1
+        _, outputs = self.trunk_intermediates(images, last, attention_mask)
         picked = [outputs[i] for i in block_indices]
-        return (self.post_trunk_norm(x) if final_norm else None), picked
+        return (self.post_trunk_norm(outputs[-1]) if final_norm else None), picked
 
     def default_lora_layer_names(self) -> list[str]:
         """LoRA targets of `enable_lora(rank)`, as in Apple's release: the
@@ -205,7 +229,8 @@ class AIMBackbone(Backbone):
         """Outputs of transformer blocks, before `post_trunk_norm`.
 
         Args:
-            images: `(B, H, W, C)`, H and W multiples of `patch_size`.
+            images: `(B, H, W, C)` ImageNet-normalized floats, H and W
+                multiples of `patch_size`.
             indices: block indices (negative count from the end); all
                 blocks when `None`.
 
@@ -226,7 +251,7 @@ class AIMBackbone(Backbone):
         """Features for downstream use, at any size divisible by the patch.
 
         Args:
-            images: `(B, H, W, C)` normalized images.
+            images: `(B, H, W, C)` ImageNet-normalized float images.
             block_indices: `None` for the post_trunk_norm tokens; otherwise
                 the average of these blocks' outputs (before the final norm,
                 as the attentive probe uses them).
@@ -257,7 +282,7 @@ class AIMBackbone(Backbone):
         """Runs the trunk, optionally with an attention mask.
 
         Args:
-            images: `(B, H, W, C)`.
+            images: `(B, H, W, C)` ImageNet-normalized floats.
             attention_mask: boolean, broadcastable to `(B, heads, N, N)`
                 (see `keras_aim.layers.prefix_causal_mask`); `None` for full
                 bidirectional attention.
@@ -272,7 +297,13 @@ class AIMBackbone(Backbone):
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
             self.check_images(images, exact_size=True)
+            image_inputs.warn_if_wrong_scale(images, type(self).__name__, False)
         return super().__call__(images, *args, **kwargs)
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict` on normalized images `(n, H, W, C)`; zero
+        images and batches too large for memory raise errors that say so."""
+        return checked_predict(self, x, batch_size, False, super().predict, *args, **kwargs)
 
     @property
     def num_patches(self) -> int | None:
@@ -283,6 +314,13 @@ class AIMBackbone(Backbone):
         return (height // self.patch_size) * (width // self.patch_size)
 
     # --- Serialization ----------------------------------------------------
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every preset `from_preset` takes by name, in keras-hub's format:
+        `{name: {"metadata": {"description", "params", "image_size",
+        "source", "license", ...}}}` (from `aim_presets.listing`)."""
+        return aim_presets.listing("backbone")
 
     @staticmethod
     def get_layout_map(
@@ -331,7 +369,11 @@ class AIMBackbone(Backbone):
             if not load_weights:
                 return cls(**{**aim_presets.get_preset(name)["config"], **kwargs})
             preset = cached_release_preset(cls, name, kwargs.get("dtype"), release_dir)
+        if preset_folder.is_local_path(preset):
+            preset_folder.check_preset_folder(preset, load_weights)
         limit_heap_fragmentation()  # keeps loading near 1x the weights
+        if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+            kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
         if not load_weights:
             return super().from_preset(preset, load_weights=False, **kwargs)
         # Loading is strict (a variable the file lacks is an error), so no
@@ -375,11 +417,20 @@ def cached_release_preset(
     return preset_cache.cached_preset(name, dtype, write)
 
 
+def checked_predict(model, x, batch_size, expects_pixels: bool, predict, *args, **kwargs):
+    """`predict(x, batch_size, ...)` of `model` after checking `x` (not
+    empty; a warning if it looks on the wrong scale), with an allocation
+    failure explained as a `MemoryError`."""
+    where = f"{type(model).__name__}.predict"
+    image_inputs.check_not_empty(x, where)
+    image_inputs.warn_if_wrong_scale(x, where, expects_pixels)
+    with image_inputs.out_of_memory_explained(where, x, batch_size):
+        return predict(x, batch_size, *args, **kwargs)
+
+
 def _check_config(image_shape, patch_size, hidden_dim, num_layers, num_heads):
-    for value, name in ((patch_size, "patch_size"), (hidden_dim, "hidden_dim"),
-                        (num_layers, "num_layers"), (num_heads, "num_heads")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; received {value!r}.")
+    check_positive_ints("AIMBackbone", patch_size=patch_size, hidden_dim=hidden_dim,
+                        num_layers=num_layers, num_heads=num_heads)
     if len(image_shape) != 3:
         raise ValueError(
             "image_shape must be (height, width, channels); received "

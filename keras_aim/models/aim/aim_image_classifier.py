@@ -8,12 +8,14 @@ import keras
 from keras_hub.models import ImageClassifier, Task
 
 from keras_aim.layers import AIMAttentionProbe
-from keras_aim.loading import preset_cache
+from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
+from keras_aim.loading.preset_dtype import saved_policy_map
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
     cached_release_preset,
+    checked_predict,
     evaluation_preprocessor,
 )
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
@@ -27,6 +29,10 @@ from keras_aim.models.aim.aim_presets import (
     preset_for_architecture,
 )
 from keras_aim.models.aim.convert_aim import load_official_weights
+from keras_aim.models.intermediates import ClassifierIntermediates
+from keras_aim.models.quantization import QuantizeNetworkOnly, head_dtype_policy
+from keras_aim.utils import image_inputs
+from keras_aim.utils.class_properties import classproperty
 
 ProbeLayers = Union[str, int, Sequence[int]]
 
@@ -81,8 +87,13 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifier(ImageClassifier):
+class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClassifier):
     """AIM trunk + attentive probe over the average of several blocks.
+
+    Calling the classifier takes ImageNet-normalized float images of the
+    trunk's size; `fit`, `evaluate` and `predict` of a classifier with a
+    `preprocessor` take pixels in [0, 255] (uint8 or float) of any size and
+    preprocess them. Images on the other scale are warned about once.
 
     images `(B, H, W, C)` -> block outputs (before `post_trunk_norm`) of
     `probe_layers`, averaged `(B, N, D)` -> `AIMAttentionProbe` ->
@@ -133,25 +144,64 @@ class AIMImageClassifier(ImageClassifier):
 
         # === Functional Model ===
         inputs = backbone.input
-        features = [backbone.block_output_tensors[i] for i in indices]
-        if len(features) > 1:
-            features = keras.layers.Average(dtype=head_dtype, name="block_average")(
-                features
+        self.block_average = None
+        if len(indices) > 1:
+            self.block_average = keras.layers.Average(
+                dtype=head_dtype, name="block_average"
             )
-        else:
-            features = features[0]
-        outputs = self.probe(features)
+        outputs = self.probe(
+            self._average_blocks([backbone.block_output_tensors[i] for i in indices])
+        )
         Task.__init__(self, inputs=inputs, outputs=outputs, **kwargs)
 
         # === Config ===
         self.num_classes = num_classes
         self.probe_layers = indices
         self.activation = activation
+        self.head_dtype = head_dtype
 
     def __call__(self, images, *args, **kwargs):
         if hasattr(images, "shape"):
             self.backbone.check_images(images, exact_size=True)
+            image_inputs.warn_if_wrong_scale(images, type(self).__name__, False)
         return super().__call__(images, *args, **kwargs)
+
+    def predict(self, x, batch_size=None, *args, **kwargs):
+        """`keras.Model.predict`: with a preprocessor, `x` is pixels in
+        [0, 255] (uint8 or float) of any size; without one, normalized
+        images. Zero images, images on the other scale (a warning) and
+        batches too large for memory are reported clearly."""
+        return checked_predict(
+            self, x, batch_size, self.preprocessor is not None, super().predict,
+            *args, **kwargs,
+        )
+
+    # --- forward_intermediates (see keras_aim.models.intermediates) -------
+
+    def _average_blocks(self, features: list):
+        return self.block_average(features) if self.block_average else features[0]
+
+    @property
+    def head_blocks(self) -> tuple[int, ...]:
+        """The blocks the probe averages."""
+        return self.probe_layers
+
+    def pre_logits(self, block_outputs: dict, training: bool = False):
+        """The probe's pooled features `(B, D)`, before its linear layer,
+        from `{block index: (B, N, D)}` of the `head_blocks`."""
+        features = self._average_blocks([block_outputs[i] for i in self.head_blocks])
+        return self.probe.pool(features, training=training)
+
+    def logits_from_pre_logits(self, pre_logits):
+        """The probe's linear layer (and activation, if any): `(B, classes)`."""
+        return self.probe.activation(self.probe.linear(pre_logits))
+
+    @classproperty
+    def presets(cls) -> dict:
+        """Every released classifier (trunk + released probe) in keras-hub's
+        format; the parameter counts include the probe
+        (`aim_presets.listing("classifier")`)."""
+        return aim_presets.listing("classifier")
 
     # The same LayoutMap covers the trunk and the attentive probe.
     get_layout_map = staticmethod(AIMBackbone.get_layout_map)
@@ -165,9 +215,19 @@ class AIMImageClassifier(ImageClassifier):
                 "activation": keras.activations.serialize(
                     keras.activations.get(self.activation)
                 ),
+                "head_dtype": keras.dtype_policies.serialize(
+                    head_dtype_policy(self.probe, self.head_dtype)
+                ),
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("head_dtype"), dict):
+            config["head_dtype"] = keras.dtype_policies.get(config["head_dtype"])
+        return super().from_config(config)
 
     @classmethod
     def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
@@ -183,7 +243,11 @@ class AIMImageClassifier(ImageClassifier):
         """
         name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
+            if preset_folder.is_local_path(preset):
+                _check_classifier_folder(preset, load_weights, kwargs)
             limit_heap_fragmentation()  # keeps loading near 1x the weights
+            if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
+                kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
             return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
         backbone_kwargs = {
@@ -206,6 +270,23 @@ class AIMImageClassifier(ImageClassifier):
         if head is not None:
             load_released_head(classifier, name, head, backbone_dir, release_dir)
         return classifier
+
+
+def _check_classifier_folder(preset, load_weights: bool, kwargs: dict) -> None:
+    """A local preset folder for the classifier: complete, and either a
+    classifier (task.json) or a trunk that `num_classes` puts a new probe
+    on (then without preprocessor if the folder has none)."""
+    preset_folder.check_preset_folder(preset, load_weights)
+    if preset_folder.has_task(preset):
+        return
+    if "num_classes" not in kwargs:
+        raise preset_folder.PresetFolderError(
+            f"{os.fspath(preset)!r} holds a trunk (no task.json), not a "
+            "classifier. Pass num_classes=N (and probe_layers) to put a new, "
+            "untrained probe on it, or load it with AIMBackbone.from_preset."
+        )
+    if not preset_folder.has_preprocessor(preset):
+        kwargs.setdefault("preprocessor", None)
 
 
 def load_released_head(

@@ -15,6 +15,8 @@ import numpy as np
 from keras import ops
 from keras_hub.layers import ImageConverter
 
+from keras_aim.utils.arguments import check_positive_ints
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_FRACTION = 0.875  # resize to 224 / 0.875 = 256, crop 224
@@ -100,8 +102,13 @@ class AIMImageConverter(ImageConverter):
             antialias=antialias,
             **kwargs,
         )
+        if image_size is not None:
+            height, width = image_size
+            check_positive_ints(type(self).__name__, height=height, width=width)
         if resize_size is None and image_size is not None:
             resize_size = round(min(image_size) / DEFAULT_CROP_FRACTION)
+        if resize_size is not None:
+            check_positive_ints(type(self).__name__, resize_size=resize_size)
         self.resize_size = resize_size
 
     def _resize_and_crop(self, images):

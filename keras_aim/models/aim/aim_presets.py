@@ -11,7 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from keras_aim.loading.download import check_digest
+
 RELEASE_BASE_URL = "https://huggingface.co/apple/AIM/resolve/main/"
+SOURCE_URL = "https://huggingface.co/apple/AIM"
+LICENSE = "Apple's license of the AIM release (Hugging Face: 'other')"
+LICENSE_URL = "https://github.com/apple/ml-aim/blob/main/LICENSE"
 PROBE_NUM_BLOCKS = 6  # The released heads average 6 blocks.
 IMAGENET_NUM_CLASSES = 1000
 HEAD_KINDS = ("best", "last")
@@ -123,7 +128,8 @@ def register_preset(
     Args:
         name: the preset name.
         config: `AIMBackbone` constructor arguments.
-        files: `{"backbone": (filename, sha256 or its prefix),
+        files: `{"backbone": (filename, sha256 digest or a prefix of at
+            least 8 hex digits; `keras-aim info` says which),
             "head_best": (...), "head_last": (...)}`; heads are optional.
             Files are fetched from `KERAS_AIM_BASE_URL` (default: Apple's
             release).
@@ -132,6 +138,8 @@ def register_preset(
     """
     if "backbone" not in files:
         raise ValueError(f"Preset {name!r} needs files['backbone'].")
+    for role, (filename, sha256) in files.items():
+        check_digest(sha256)  # a clear error now rather than at download
     AIM_PRESETS[name] = {
         "config": dict(config),
         "trunk_params": trunk_parameter_count(
@@ -147,6 +155,67 @@ def register_preset(
         "files": dict(files),
         **extra,
     }
+
+
+def classifier_parameter_count(name: str) -> int:
+    """Parameters of preset `name`'s classifier: trunk, attentive probe and
+    the probe's BatchNormalization statistics (`2 * D`)."""
+    entry = get_preset(name)
+    width = entry["config"]["hidden_dim"]
+    return (
+        entry["trunk_params"]
+        + probe_parameter_count(width, entry["num_classes"])
+        + 2 * width
+    )
+
+
+def listing(kind: str = "backbone") -> dict[str, dict[str, Any]]:
+    """Every preset in keras-hub's `presets` format, for `AIMBackbone.presets`
+    (`kind="backbone"`), `AIMImageClassifier.presets` (`"classifier"`) and
+    `keras-aim info`: `{name: {"metadata": {"description", "params",
+    "image_size", "source", "license", "license_url", "path"}}}`.
+
+    There is no `kaggle_handle`: `from_preset(name)` fetches Apple's released
+    files and converts them (see `RELEASE_BASE_URL`).
+    """
+    if kind not in ("backbone", "classifier"):
+        raise ValueError(f"kind must be 'backbone' or 'classifier'; received {kind!r}.")
+    presets = {}
+    for name, entry in AIM_PRESETS.items():
+        config = entry["config"]
+        description = (
+            f"AIM-v1{' ' + entry['size'] if 'size' in entry else ''} trunk "
+            f"(width {config['hidden_dim']}, {config['num_layers']} blocks, "
+            f"{config['num_heads']} heads, patch {config['patch_size']})"
+        )
+        if "pretraining_images" in entry:
+            description += (
+                ", pre-trained by next-patch prediction on "
+                f"{entry['pretraining_images']} images"
+            )
+        params = entry["trunk_params"]
+        if kind == "classifier":
+            best = entry["best_probe_layers"]
+            description += (
+                f", with the released {entry['num_classes']}-class attentive "
+                f"probe (default: best blocks {best[0]}-{best[-1]}"
+            )
+            top1 = entry.get("imagenet_top1")
+            description += f"; ImageNet-1k top-1 {top1['best']}% reported)" if top1 else ")"
+            params = classifier_parameter_count(name)
+        height, width = config.get("image_shape", (None, None))[:2]
+        presets[name] = {
+            "metadata": {
+                "description": description + ".",
+                "params": params,
+                "image_size": (height, width),
+                "source": entry.get("source", SOURCE_URL),
+                "license": entry.get("license", LICENSE),
+                "license_url": entry.get("license_url", LICENSE_URL),
+                "path": "aim",
+            }
+        }
+    return presets
 
 
 def get_preset(name: str) -> dict[str, Any]:
@@ -203,6 +272,8 @@ def probe_parameter_count(hidden_dim: int, num_classes: int) -> int:
 def preset_for_architecture(config: dict[str, Any]) -> str | None:
     """Name of the released preset with this architecture, if any."""
     keys = ("hidden_dim", "num_layers", "num_heads", "patch_size")
+    if "mlp_ratio" not in config:
+        return None  # not an AIM-v1 trunk (AIMv2's shapes may coincide)
     for name, entry in AIM_PRESETS.items():
         if all(entry["config"][k] == config.get(k) for k in keys):
             return name

@@ -37,6 +37,10 @@ class AIMPretrainer(Task):
             head (paper: 2048, 12, 4).
         pixel_head_layer_norm_epsilon: its LayerNorm epsilon.
         seed: seed of the prefix-length draws.
+        prefix_attention: `False` pre-trains with plain causal attention and
+            counts every next-patch target (the paper's causal baseline).
+        normalized_targets: `False` regresses the patches' pixels instead of
+            per-patch normalized ones (the paper's raw-pixel ablation).
     """
 
     backbone_cls = AIMBackbone
@@ -49,6 +53,8 @@ class AIMPretrainer(Task):
         pixel_head_mlp_ratio: float = 4.0,
         pixel_head_layer_norm_epsilon: float = 1e-5,
         seed: int | None = None,
+        prefix_attention: bool = True,
+        normalized_targets: bool = True,
         preprocessor=None,
         **kwargs,
     ):
@@ -66,7 +72,7 @@ class AIMPretrainer(Task):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.prefix_sampler = AIMPrefixSampler(
-            num_patches, seed=seed, name="prefix_sampler"
+            num_patches, seed=seed, causal_only=not prefix_attention, name="prefix_sampler"
         )
         self.pixel_head = AIMPixelHead(
             backbone.patch_size,
@@ -99,6 +105,8 @@ class AIMPretrainer(Task):
         self.pixel_head_mlp_ratio = pixel_head_mlp_ratio
         self.pixel_head_layer_norm_epsilon = pixel_head_layer_norm_epsilon
         self.seed = seed
+        self.prefix_attention = prefix_attention
+        self.normalized_targets = normalized_targets
         self.grid = grid
 
     def compile(self, optimizer="auto", *, total_steps: int | None = None, **kwargs):
@@ -122,6 +130,7 @@ class AIMPretrainer(Task):
             y_pred["predictions"],
             y_pred["prefix_lengths"],
             self.backbone.patch_size,
+            self.normalized_targets,
         )
         if keras.config.backend() == "tensorflow":
             # Under MirroredStrategy each replica sees part of the batch and
@@ -140,7 +149,8 @@ class AIMPretrainer(Task):
 
         Each predicted (normalized) patch k+1 is mapped back to pixels with
         the true patch's own mean and standard deviation (the loss is blind
-        to them); patch 0, which nothing predicts, is copied from the input.
+        to them; with `normalized_targets=False` the predictions are pixels
+        already); patch 0, which nothing predicts, is copied from the input.
 
         Args:
             images: `(B, H, W, C)` the model inputs.
@@ -151,8 +161,10 @@ class AIMPretrainer(Task):
         """
         p = self.backbone.patch_size
         patches = patchify(ops.cast(images, "float32"), p)
-        mean, std = patch_statistics(patches)
-        predicted = ops.cast(predictions[:, :-1], "float32") * std[:, 1:] + mean[:, 1:]
+        predicted = ops.cast(predictions[:, :-1], "float32")
+        if self.normalized_targets:
+            mean, std = patch_statistics(patches)
+            predicted = predicted * std[:, 1:] + mean[:, 1:]
         patches = ops.concatenate([patches[:, :1], predicted], axis=1)
         return unpatchify(patches, p, self.grid, self.backbone.image_shape[-1])
 
@@ -168,6 +180,8 @@ class AIMPretrainer(Task):
                 "pixel_head_mlp_ratio": self.pixel_head_mlp_ratio,
                 "pixel_head_layer_norm_epsilon": self.pixel_head_layer_norm_epsilon,
                 "seed": self.seed,
+                "prefix_attention": self.prefix_attention,
+                "normalized_targets": self.normalized_targets,
             }
         )
         return config

@@ -1,0 +1,135 @@
+"""The scaling study: the quick variant end to end (files, figures,
+correlations), resuming after an interruption, the analysis on known
+numbers, and bad configurations."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from keras_aim.studies import scaling
+from tests.conftest import once_in_jax_pass
+
+
+@pytest.mark.slow
+@once_in_jax_pass
+def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
+    from recipes import scaling_study
+
+    out = tmp_path / "study"
+    config = scaling.QUICK
+    runs = [run.key for run in config.runs()]
+    assert len(runs) == 5 and len(set(runs)) == 5
+
+    # Interrupted after two runs...
+    assert scaling_study.main(["--out", str(out), "--quick", "--max-runs", "2"]) == 0
+    assert "2 of 5 runs done; rerun to continue" in capsys.readouterr().out
+    first = scaling.read_results(str(out))
+    assert [r["run"] for r in first] == [runs[0]] * 2 + [runs[1]] * 2
+    # ... and killed in the middle of the third: its rows are dropped and it is redone.
+    partial = dict(first[0], run=runs[2], final=False, probe_top1=-1.0)
+    with open(out / scaling.RESULTS_FILE, "a") as handle:
+        handle.write(json.dumps(partial) + "\n")
+
+    assert scaling_study.main(["--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    rows = scaling.read_results(str(out))
+    assert rows[:4] == first  # finished runs were not redone
+    assert [r["run"] for r in rows] == [key for key in runs for _ in config.checkpoints]
+    assert all(0.0 <= r["probe_top1"] <= 1.0 and np.isfinite(r["val_loss"]) for r in rows)
+    assert {r["step"] for r in rows} == set(config.checkpoints)
+    causal = [r for r in rows if r["variant"] == "causal"]
+    assert causal and causal[-1]["final"]
+
+    summary = json.loads((out / scaling.SUMMARY_FILE).read_text())
+    assert summary["runs"] == 5
+    assert summary["correlation_all"]["points"] == 8
+    assert summary["correlation_all"]["pearson"] is not None
+    assert set(summary["correlation_by_size"]) == {"XS", "S"}
+    assert summary["ablations"]["causal"] is not None and summary["ablations"]["base"] is not None
+    for figure in ("loss_vs_probe.png", "probe_vs_parameters.png", "probe_vs_data.png"):
+        assert (out / figure).stat().st_size > 5000
+    assert "All base checkpoints: Pearson" in printed and "| causal |" in printed
+
+    # Everything done: a rerun only reports; another configuration is refused.
+    assert scaling_study.main(["--out", str(out), "--quick"]) == 0
+    assert scaling.read_results(str(out)) == rows
+    assert scaling_study.main(["--out", str(out), "--quick", "--steps", "8"]) == 1
+    assert "another configuration (differs in: checkpoints, steps)" in capsys.readouterr().err
+
+
+def synthetic_rows(config):
+    """Rows whose probe top-1 is a known function of the loss."""
+    rows = []
+    rng = np.random.RandomState(0)
+    for run in config.runs():
+        size = config.size(run.size)
+        for step in config.checkpoints:
+            loss = 1.0 / (1 + step) + 0.1 / size.hidden_dim + rng.uniform(0, 1e-4)
+            rows.append({
+                "run": run.key, "size": run.size, "variant": run.variant, "seed": run.seed,
+                "data_fraction": run.data_fraction,
+                "pretraining_images": int(1000 * run.data_fraction),
+                "trunk_parameters": size.parameters(config.patch_size), "step": step,
+                "final": step == config.checkpoints[-1], "train_loss": loss,
+                "val_loss": loss, "probe_top1": 1.0 - loss, "seconds": 1.0,
+            })
+    return rows
+
+
+def test_summary_correlations_tables_and_figures(tmp_path):
+    config = scaling.StudyConfig()
+    rows = synthetic_rows(config)
+    summary = scaling.summarize(config, rows)
+    # Accuracy = 1 - loss exactly: a perfect negative correlation.
+    assert summary["correlation_all"]["pearson"] == pytest.approx(-1.0)
+    assert summary["correlation_all"]["spearman"] == pytest.approx(-1.0)
+    assert summary["correlation_all"]["points"] == (
+        len(config.sizes) * (len(config.data_fractions) + len(config.seeds) - 1)
+        * len(config.checkpoints))
+    assert summary["by_size"]["XL"]["probe_top1"]["n"] == 3
+    assert summary["by_size"]["S"]["trunk_parameters"] == 102_208
+    assert summary["by_size"]["XL"]["trunk_parameters"] == 2_668_992
+    assert set(summary["ablations"]) == {"base", *config.ablations}
+    assert summary["runs"] == len(config.runs()) == 24
+    table = scaling.format_summary(config, summary)
+    assert "| XL (192x6) | 2.67M |" in table and "| head_depth_4 |" in table
+    paths = scaling.plot(config, rows, str(tmp_path))
+    assert len(paths) == 3 and all((tmp_path / p).stat().st_size > 5000 for p in paths)
+
+
+def test_correlations_need_three_points_with_spread():
+    assert scaling.correlations([1.0, 2.0], [0.5, 0.4])["pearson"] is None
+    assert scaling.correlations([1.0, 1.0, 1.0], [0.5, 0.4, 0.3])["pearson"] is None
+    result = scaling.correlations([1.0, 2.0, 3.0], [0.9, 0.5, 0.6])
+    assert result["spearman"] == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(checkpoints=(50, 100)), "end at steps=400"),
+        (dict(checkpoints=(100, 50, 400)), "increase strictly"),
+        (dict(data_fractions=(0.0, 1.0)), r"data_fractions must lie in \(0, 1\]"),
+        (dict(ablations=("sideways",)), "unknown ablations"),
+        (dict(ablation_size="XXL"), "ablation_size 'XXL' is not one of"),
+        (dict(image_size=18), "must be a multiple of patch_size"),
+        (dict(seeds=()), "seeds is empty"),
+    ],
+)
+def test_bad_configs_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(scaling.StudyConfig(), **changes)
+
+
+def test_a_folder_of_something_else_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no study"):
+        scaling.run_study(scaling.QUICK, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_config_survives_json():
+    config = scaling.StudyConfig()
+    assert scaling.StudyConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
