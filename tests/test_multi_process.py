@@ -109,7 +109,7 @@ def test_attentive_probe_recipe_on_two_processes_equals_one(tmp_path, capsys):
         assert expected in output  # the same probe, on both processes
     assert expected.startswith("attentive probe on blocks (0, 1): top-1 ")
     assert sorted(p.name for p in (tmp_path / "probe").iterdir()) == [
-        "log.csv", "probe.weights.h5", "tensorboard"]
+        "log.csv", "probe.weights.h5", "run.json", "tensorboard"]
 
 
 def test_lora_recipe_on_two_processes(tmp_path):
@@ -128,7 +128,8 @@ def test_lora_recipe_on_two_processes(tmp_path):
     assert len(results[0]) == 1 and results[0] == results[1]
     assert "saved to" in outputs[0] and "saved to" not in outputs[1]
     assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
-        "adapters.lora.h5", "log.csv", "merged_backbone", "probe.weights.h5", "tensorboard"]
+        "adapters.lora.h5", "log.csv", "merged_backbone", "probe.weights.h5", "run.json",
+        "tensorboard"]
 
 
 def test_an_unreachable_coordinator_is_named_not_waited_for(monkeypatch, capsys, tmp_path):
