@@ -157,6 +157,21 @@ def _is_primary() -> bool:
     return True
 
 
+def _refuse_older_format(directory: str) -> None:
+    """Raises ValueError if `directory` holds the `.npz` checkpoints that
+    keras_aim wrote before it used Orbax (which would otherwise be taken
+    for an empty directory: a new run would start from step 0 beside them)."""
+    if remote_paths.is_url(directory) or not os.path.isdir(directory):
+        return
+    older = sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and n.endswith(".npz"))
+    if older:
+        raise ValueError(
+            f"{directory} holds checkpoints of an older keras_aim ({older[-1]}), "
+            "which this version cannot resume: finish that run with the version "
+            "that wrote it, or start this one in a new --workdir."
+        )
+
+
 class TrainingCheckpoints:
     """Step checkpoints of a compiled model's whole training state in one
     directory (see the module docstring).
@@ -193,6 +208,7 @@ class TrainingCheckpoints:
         if keep < 1:
             raise ValueError(f"keep must be >= 1; received {keep}.")
         self.directory = checkpoint_directory(directory)
+        _refuse_older_format(self.directory)
         self.config = json.loads(json.dumps(config or {}))  # plain JSON values
         self._log = log if log is not None and _is_primary() else (lambda _: None)
         v1 = _orbax()
