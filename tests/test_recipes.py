@@ -222,7 +222,8 @@ def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
     assert "adapters 1,536 = " in printed
     assert "LoRA r=4 fine-tuned probe: top-1 " in printed
     assert {p.name for p in out.iterdir()} == {
-        "adapters.lora.h5", "probe.weights.h5", "merged_backbone", "log.csv", "tensorboard"
+        "adapters.lora.h5", "probe.weights.h5", "merged_backbone", "log.csv", "tensorboard",
+        "run.json",
     }  # no backup: the run finished
     merged = keras_aim.AIMBackbone.from_preset(str(out / "merged_backbone"))
     assert not merged.blocks[0].attn.qkv.lora_enabled
