@@ -4,7 +4,9 @@ training steps (JAX, float32, one CPU device).
 Each configuration runs in a fresh process: imports and a first jitted op,
 then (RSS baseline) builds an `AIMPretrainer` with the paper's AdamW,
 runs 3 training steps on random images and reports the process's peak
-resident memory (VmHWM) minus the baseline. The planned figure is
+resident memory (VmHWM) minus the baseline; then XLA's own figures for
+that step (`jax.jit(train_step).lower(...).compile().memory_analysis()`:
+argument, output, aliased and temporary buffer sizes). The planned figure is
 `keras_aim.memory_plan.plan_memory(...)` on a 1x1 mesh. Widths, heads,
 patch and image size are aim_600m's (D=1536, 12 heads, 224 px, patch 14,
 pixel head 2048); depths and batch vary so that each run fits in memory.
@@ -49,7 +51,20 @@ pretrainer.compile(optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-4)
 images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype("float32")
 for _ in range(3):
     loss = float(pretrainer.train_on_batch(images))
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "loss": loss}))
+peak = status("VmHWM")
+# XLA's own figures for the same step: Keras' train_step (what fit and
+# train_on_batch jit, with the state donated) lowered and compiled for
+# these shapes; its buffers are the state, the batch and the temporaries.
+import jax
+state = tuple([v.value for v in variables] for variables in (
+    pretrainer.trainable_variables, pretrainer.non_trainable_variables,
+    pretrainer.optimizer.variables, pretrainer.metrics_variables))
+compiled = jax.jit(pretrainer.train_step, donate_argnums=0).lower(
+    state, (images, None, None)).compile()
+analysis = compiled.memory_analysis()
+xla = {name: int(getattr(analysis, name + "_size_in_bytes")) for name in (
+    "argument", "output", "alias", "temp", "generated_code")}
+print(json.dumps({"baseline": baseline, "peak": peak, "loss": loss, "xla": xla}))
 """
 
 
@@ -84,9 +99,9 @@ def main(argv=None) -> int:
     from keras_aim.training.memory_plan import GIB, PretrainingShape, plan_memory
 
     print("| trunk blocks | head blocks | batch | remat | planned: params+opt+grads "
-          "| planned: activations | planned total | measured peak - baseline "
-          "| measured / planned |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| planned: activations | planned total | XLA: arguments | XLA: temporaries "
+          "| XLA total | measured peak - baseline | XLA / planned | measured / planned |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for text in args.runs:
         layers, depth, batch, remat = parse_run(text)
         shape = PretrainingShape.from_config(
@@ -96,9 +111,15 @@ def main(argv=None) -> int:
         measured = measure(layers, depth, batch, remat)
         used = measured["peak"] - measured["baseline"]
         state = plan.parameters + plan.optimizer_state + plan.gradients
+        xla = measured["xla"]
+        # Live at once: inputs, plus outputs that do not reuse a donated
+        # input's buffer, plus temporaries (JAX's own peak estimate).
+        xla_total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
         print(f"| {layers} | {depth} | {batch} | {'yes' if remat else 'no'} "
               f"| {state / GIB:.2f} GiB | {plan.activations / GIB:.2f} GiB "
-              f"| {plan.total / GIB:.2f} GiB | {used / GIB:.2f} GiB "
+              f"| {plan.total / GIB:.2f} GiB | {xla['argument'] / GIB:.2f} GiB "
+              f"| {xla['temp'] / GIB:.2f} GiB | {xla_total / GIB:.2f} GiB "
+              f"| {used / GIB:.2f} GiB | {xla_total / plan.total:.2f} "
               f"| {used / plan.total:.2f} |", flush=True)
     return 0
 

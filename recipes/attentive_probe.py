@@ -27,6 +27,7 @@ from recipes.common import (
     fit_logging,
     positive_int,
     quiet,
+    results_folder,
     run_in_scope,
     splits,
 )
@@ -130,8 +131,10 @@ def train_or_evaluate(args, callbacks, training) -> int:
             bar.close()
         classifier.probe.set_weights(model.get_layer("probe").get_weights())
         if args.out:
-            path = probing.save_probe(classifier, args.out)
-            print(f"probe saved: {path} (evaluate it with --evaluate-only --head {path})")
+            with results_folder(args.out, training) as out:
+                path = probing.save_probe(classifier, out)
+            if training.is_primary:
+                print(f"probe saved: {path} (evaluate it with --evaluate-only --head {path})")
 
     logits = probing.probe_logits(classifier.probe, val_features)
     top1 = probing.topk_accuracy(logits, val_labels, 1)

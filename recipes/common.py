@@ -16,8 +16,10 @@ and fitted in; feed `training.micro_batch_size` images per step and pass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 
 from keras_aim.utils.arguments import positive_int
@@ -41,10 +43,15 @@ def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--multi-host", action="store_true",
-        help="multi-process run: calls keras.distribution.initialize() from "
-        "KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID "
-        "(JAX); every host runs the same command, tf.data input is sharded "
-        "per host",
+        help="multi-process run, the same command on every host: JAX reads "
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES / _NUM_PROCESSES / _PROCESS_ID, "
+        "TensorFlow TF_CONFIG (data parallel); each process feeds its part of "
+        "every global batch",
+    )
+    group.add_argument(
+        "--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+        help="with --multi-host (JAX): how long a process waits for the "
+        "coordinator and the other processes before failing (default 300)",
     )
     group.add_argument(
         "--accumulate", type=positive_int, default=1, metavar="N",
@@ -67,6 +74,7 @@ class DistributedTraining:
     accumulate: int
     remat: bool
     global_batch_size: int
+    multi_host: bool = False
 
     @property
     def micro_batch_size(self) -> int:
@@ -78,18 +86,73 @@ class DistributedTraining:
         """For the optimizer (`None`: no accumulation)."""
         return self.accumulate if self.accumulate > 1 else None
 
+    @property
+    def process_index(self) -> int:
+        """This process's number in a multi-process run (0: the one that
+        writes the run's shared files, logs and results)."""
+        import keras
+
+        if not self.multi_host:
+            return 0
+        if keras.config.backend() == "tensorflow":
+            from keras_aim.training import distribution_tf
+
+            return distribution_tf.task_number()
+        import jax
+
+        return jax.process_index()
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_index == 0
+
     def scope(self):
         """Build, compile, restore and fit the model inside this."""
         from keras_aim.training.distribution import distribution_scope
 
-        return distribution_scope(self.mesh)
+        return distribution_scope(self.mesh, multi_host=self.multi_host)
+
+    def take_data_sharding(self) -> tuple[int, int]:
+        """`(index, count)` for a pipeline that yields this process's part
+        of every global batch itself (`pretraining_dataset(shard=...)`);
+        Keras' own sharding of the input is turned off. Call inside
+        `scope()`. One process: `(0, 1)`."""
+        import keras
+
+        distribution = keras.distribution.distribution() if (
+            keras.config.backend() == "jax") else None
+        if not self.multi_host or distribution is None:
+            return 0, 1
+        from keras_aim.training import distribution_jax
+
+        distribution.auto_shard_dataset = False
+        return distribution_jax.data_shard(distribution)
 
 
-def setup_distribution(args: argparse.Namespace, global_batch_size: int) -> DistributedTraining:
+@contextlib.contextmanager
+def results_folder(out: str, training: DistributedTraining):
+    """Where this process writes the run's results: `out` on process 0; a
+    temporary folder, removed afterwards, on the others. Every process must
+    save: reading a sharded or adapted weight may compute across processes,
+    so all of them take part; only process 0's files are kept."""
+    if training.is_primary:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="keras_aim-process") as folder:
+        yield folder
+
+
+def setup_distribution(
+    args: argparse.Namespace, global_batch_size: int, settings: dict | None = None
+) -> DistributedTraining:
     """Validates the distribution options against the batch size and the
-    backend and prepares the devices; call it before anything computes.
+    backend and prepares the devices (with --multi-host: starts the
+    multi-process runtime); call it before anything computes. In a
+    multi-process JAX run, every process must pass equal `settings` (the
+    run's config) and the mesh must cover all their devices.
 
-    Raises ValueError (bad mesh, batch not divisible, bad --accumulate) or
+    Raises ValueError (bad mesh, batch not divisible, bad --accumulate,
+    processes that disagree) or
     `keras_aim.distribution.DistributionUnavailableError` (the backend cannot
     run the mesh, e.g. PyTorch with more than one device).
     """
@@ -101,16 +164,28 @@ def setup_distribution(args: argparse.Namespace, global_batch_size: int) -> Dist
     if args.accumulate < 1:
         raise ValueError(f"--accumulate must be >= 1; received {args.accumulate}.")
     distribution.check_backend_supports(mesh)
-    if args.multi_host:
-        distribution.initialize_multi_host()  # before any device is touched
+    backend = keras.config.backend()
+    if args.multi_host and backend == "tensorflow":
+        from keras_aim.training import distribution_tf
+
+        distribution_tf.multi_worker_strategy(mesh.batch)  # before any TF op
+    elif args.multi_host:
+        distribution.initialize_multi_host(args.coordinator_timeout)  # JAX only
     distribution.check_batch_divisible(global_batch_size, mesh, args.accumulate)
-    if keras.config.backend() == "tensorflow" and mesh.batch > 1:
+    if args.multi_host:
+        distribution.check_multi_host(mesh, {
+            **(settings or {}), "batch_size": global_batch_size,
+            "accumulate": args.accumulate, "remat": args.remat,
+        })
+    elif backend == "tensorflow" and mesh.batch > 1:
         from keras_aim.training import distribution_tf
         import tensorflow as tf
 
         if not tf.config.list_physical_devices("GPU"):
             distribution_tf.split_cpu(mesh.batch)
-    return DistributedTraining(mesh, args.accumulate, args.remat, global_batch_size)
+    return DistributedTraining(
+        mesh, args.accumulate, args.remat, global_batch_size, args.multi_host
+    )
 
 
 def build_pretrainer(
@@ -195,10 +270,11 @@ def start_run(args, recipe: str):
         raise ValueError(
             f"{args.out} holds the results of a finished run; choose another --out."
         )
-    training = setup_distribution(args, args.batch_size)
-    if args.out:
+    training = setup_distribution(args, args.batch_size, settings=vars(args))
+    if args.out and (training.is_primary or args.resume):
+        # One process writes the run's marker; with --resume every one checks it.
         claim_run_folder(args.out, recipe, args.resume)
-    callbacks = fit_callbacks(args.out, args.resume)
+    callbacks = fit_callbacks(args.out, args.resume, training.process_index)
     keras.config.set_dtype_policy(args.dtype)
     keras.utils.set_random_seed(args.seed)
     return callbacks, training
@@ -211,6 +287,10 @@ def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
 
     A run folder holds `run.json` naming its recipe; a recipe's own checks
     (finished or interrupted run, --resume) come after this one."""
+    from keras_aim.utils import remote_paths
+
+    if remote_paths.is_url(folder):  # gs://...: no os.path, no rename
+        return _claim_remote_run_folder(folder, recipe, resume)
     marker = os.path.join(folder, RUN_FILE)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} is a file; the run needs a folder.")
@@ -240,6 +320,34 @@ def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
 
     with atomic_file(marker) as staging, open(staging, "w") as handle:
         json.dump({"recipe": recipe}, handle)
+
+
+def _claim_remote_run_folder(folder: str, recipe: str, resume: bool) -> None:
+    """`claim_run_folder` for a URL, through etils.epath (an object store
+    writes the small marker in one piece)."""
+    from etils import epath
+
+    path = epath.Path(folder)
+    contents = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if resume and not contents:
+        raise ValueError(
+            f"Nothing to resume in {folder}: it holds nothing. Check the path, "
+            "or drop --resume to start a new run."
+        )
+    if not contents:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RUN_FILE).write_text(json.dumps({"recipe": recipe}))
+        return
+    try:
+        owner = str(json.loads((path / RUN_FILE).read_text())["recipe"])
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = "pretrain" if "checkpoints" in contents else None
+    if owner != recipe:
+        raise ValueError(
+            f"{folder} is not a run folder of recipes.{recipe} (it holds "
+            f"{', '.join(contents[:5])}{', ...' if len(contents) > 5 else ''}). "
+            "Choose a new or empty folder."
+        )
 
 
 def _run_owner(folder: str, marker: str) -> str | None:

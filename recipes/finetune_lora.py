@@ -26,6 +26,7 @@ from recipes.common import (
     fit_logging,
     positive_int,
     quiet,
+    results_folder,
     run_in_scope,
     splits,
 )
@@ -70,10 +71,11 @@ def finetune(args, callbacks, training) -> int:
     if args.init_probe:
         load_head(classifier, args.init_probe)
     augmentation = args.augmentation or ("none" if args.data == "digits" else "aim")
+    # Several processes split batches of one known size: no smaller last one.
     train = data.classification_dataset(
         train_set.images, train_set.labels, training.micro_batch_size, size, training=True,
         augmentation=augmentation, seed=args.seed, num_classes=train_set.num_classes,
-        converter=converter,
+        converter=converter, drop_remainder=training.multi_host,
     )
     val = data.classification_dataset(
         val_set.images, val_set.labels, 256, size, training=False,
@@ -85,7 +87,7 @@ def finetune(args, callbacks, training) -> int:
     print(f"trainable: {lora_parameter_count(classifier):,} parameters "
           f"(adapters {adapters:,} = {adapters / trunk_params:.2%} of the trunk, "
           "plus the probe)")
-    steps = _batches_per_epoch(train_set, training.micro_batch_size)
+    steps = _batches_per_epoch(train_set, training.micro_batch_size, training.multi_host)
     verbose, progress = fit_logging(args, args.epochs * steps, "LoRA")
     fit_lora(classifier, train, args.epochs, steps, args.learning_rate,
              callbacks=callbacks + progress, verbose=verbose,
@@ -99,21 +101,24 @@ def finetune(args, callbacks, training) -> int:
     print(f"LoRA r={args.rank} fine-tuned probe: top-1 {top1:.2%}, top-5 {top5:.2%} "
           f"({len(labels)} images)")
 
-    save_lora_weights(backbone, os.path.join(args.out, "adapters.lora.h5"))
-    probing.save_probe(classifier, args.out)
-    if args.merge:
-        save_merged_preset(backbone, os.path.join(args.out, "merged_backbone"))
-    print(f"saved to {args.out}")
+    with results_folder(args.out, training) as out:
+        save_lora_weights(backbone, os.path.join(out, "adapters.lora.h5"))
+        probing.save_probe(classifier, out)
+        if args.merge:
+            save_merged_preset(backbone, os.path.join(out, "merged_backbone"))
+    if training.is_primary:
+        print(f"saved to {args.out}")
     return 0
 
 
-def _batches_per_epoch(images, batch_size: int) -> int:
+def _batches_per_epoch(images, batch_size: int, drop_remainder: bool = False) -> int:
     if images.labels is not None:
-        return -(-len(images.labels) // batch_size)
-    count = int(images.images.cardinality())
-    if count < 0:  # unknown: count once
-        count = sum(1 for _ in images.images)
-    return -(-count // batch_size)
+        count = len(images.labels)
+    else:
+        count = int(images.images.cardinality())
+        if count < 0:  # unknown: count once
+            count = sum(1 for _ in images.images)
+    return count // batch_size if drop_remainder else -(-count // batch_size)
 
 
 if __name__ == "__main__":

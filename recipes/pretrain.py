@@ -6,24 +6,27 @@
     python -m recipes.pretrain --config aim_7b --mesh 16x8 --multi-host --remat ...
 
 Configs live in recipes/configs/ (one per experiment). The run directory
-gets checkpoints (every `checkpoint_every` steps and on Ctrl-C / SIGTERM),
-log.csv, tensorboard/ and, at the end, the trained trunk as a keras-hub
-preset in backbone/. `--resume` continues from the newest checkpoint with
-the same step, optimizer state, learning-rate schedule, random state and
-data order, so the result equals an uninterrupted run (with the same
---mesh and --accumulate).
+(a local path, or gs://bucket/run) gets Orbax checkpoints (every
+`checkpoint_every` steps, written in the background, and on Ctrl-C /
+SIGTERM; the newest 2 are kept), log.csv, tensorboard/ and, at the end, the
+trained trunk as a keras-hub preset in backbone/. `--resume` continues from
+the newest complete checkpoint with the same step, optimizer state,
+learning-rate schedule, random state and data order, so the result equals
+an uninterrupted run; the --mesh may differ (values are restored into the
+new layout), the config, --seed and --accumulate may not.
 
 --mesh BATCHxMODEL splits the global batch over BATCH and the large
 kernels over MODEL devices (keras.distribution on JAX; MirroredStrategy
 data parallelism on TensorFlow). With --accumulate N each weight update
 averages the gradients of N micro-batches of batch_size/N images; --steps
-and checkpoints count weight updates.
+and checkpoints count weight updates. With --multi-host every host runs
+the same command (see docs/distribution.md): the mesh spans the devices of
+all processes and each process reads its part of every global batch.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -87,6 +90,36 @@ def image_source(spec: str, seed: int):
     return images.images.map(lambda image, label: image)
 
 
+def checkpoint_config(config: dict, args) -> dict:
+    """What a checkpoint of this run must agree with to be resumed (every
+    setting but the checkpoint interval; the mesh may change)."""
+    settings = {k: v for k, v in config.items() if k != "checkpoint_every"}
+    return {**settings, "seed": args.seed, "accumulate": args.accumulate}
+
+
+def export_trunk(backbone, training, path: str) -> None:
+    """Saves the trained trunk as a keras-hub preset at `path` (local or a
+    URL) from the first process; with several JAX processes all take part
+    (a trunk sharded across processes is gathered for the export)."""
+    import keras
+
+    from keras_aim.models.aim.aim_backbone import AIMBackbone
+    from keras_aim.utils.remote_paths import written_directory
+
+    if training.multi_host and keras.config.backend() == "jax":
+        from keras_aim.training.distribution_jax import host_values
+
+        values = host_values(backbone.weights)
+        if not training.is_primary:
+            return
+        backbone = AIMBackbone.from_config(backbone.get_config())
+        backbone.set_weights(values)
+    elif not training.is_primary:
+        return
+    with written_directory(path) as staging:
+        backbone.save_to_preset(staging)
+
+
 def main(argv=None, callbacks=()) -> int:
     """Runs the recipe; `callbacks` are added to every `fit` (Keras
     callbacks: e.g. to watch or stop the run)."""
@@ -110,22 +143,31 @@ def pretrain(args, extra_callbacks: list) -> int:
     from keras_aim.training.distribution import parse_mesh
 
     validate(config, parse_mesh(args.mesh), args.accumulate)
-    training = setup_distribution(args, config["batch_size"])
+    training = setup_distribution(
+        args, config["batch_size"], settings=checkpoint_config(config, args)
+    )
     # With --accumulate N, fit sees N micro-batches per optimizer update;
     # steps and checkpoints count updates, the learning-rate schedule counts
     # micro-batches (as Keras' optimizer does).
-    config["batch_size"] = training.micro_batch_size
+    global_batch = config["batch_size"]
+    micro_batch = training.micro_batch_size
     micro = training.accumulate
+    say = print if training.is_primary else (lambda *a, **k: None)
     if training.mesh.num_devices > 1:
-        print(f"mesh {training.mesh}: {training.micro_batch_size // training.mesh.batch} "
-              "images per batch-axis device per step", flush=True)
+        say(f"mesh {training.mesh}: {micro_batch // training.mesh.batch} "
+            "images per batch-axis device per step", flush=True)
 
     from keras_aim import data
-    from keras_aim.training import checkpointing
+    from keras_aim.training.checkpointing import TrainingCheckpoints
+    from keras_aim.utils.remote_paths import join
 
-    claim_run_folder(args.workdir, "pretrain", args.resume)
-    checkpoints = os.path.join(args.workdir, "checkpoints")
-    existing = checkpointing.list_checkpoints(checkpoints)
+    if training.is_primary or args.resume:
+        # One process writes the run's marker; with --resume every one checks it.
+        claim_run_folder(args.workdir, "pretrain", args.resume)
+    checkpoints = TrainingCheckpoints(
+        join(args.workdir, "checkpoints"), config=checkpoint_config(config, args), log=say
+    )
+    existing = checkpoints.latest_step is not None
     if existing and not args.resume:
         raise ValueError(
             f"{args.workdir} already has checkpoints; pass --resume to "
@@ -143,33 +185,36 @@ def pretrain(args, extra_callbacks: list) -> int:
     # fit runs under it too.
     with training.scope():
         pretrainer = build_pretrainer(
-            {**config, "total_steps": config["total_steps"] * micro}, args.seed,
-            training.remat, training.gradient_accumulation_steps,
+            {**config, "batch_size": micro_batch, "total_steps": config["total_steps"] * micro},
+            args.seed, training.remat, training.gradient_accumulation_steps,
         )
         step = 0
-        if existing:
-            step = checkpointing.restore_checkpoint(pretrainer, existing[-1])
-            print(f"resumed from {existing[-1]} at step {step}")
+        if checkpoints.latest_step is not None:
+            step = checkpoints.restore(pretrainer)
+            say(f"resumed from {checkpoints.directory}/{step} at step {step}")
         images = image_source(config["data"], args.seed)
+        shard = training.take_data_sharding()
 
         # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         total, every = config["total_steps"], config["checkpoint_every"]
-        verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro)
+        verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro) \
+            if training.is_primary else (0, [])
         callbacks = [
-            keras.callbacks.CSVLogger(os.path.join(args.workdir, "log.csv"), append=True),
-            keras.callbacks.TensorBoard(os.path.join(args.workdir, "tensorboard")),
+            keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
+            keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
             *progress,
             *extra_callbacks,
-        ]
-        log = progress[0].bar.write if progress else print
+        ] if training.is_primary else list(extra_callbacks)
+        log = progress[0].bar.write if progress else say
         start = time.perf_counter()
         try:
             while step < total:
                 chunk = min(every - step % every, total - step)
                 stream = data.pretraining_dataset(
-                    images, config["batch_size"], config["image_size"],
+                    images, micro_batch, config["image_size"],
                     config["augmentation"], seed=args.seed, start_step=step * micro,
+                    shard=shard,
                 )
                 pretrainer.fit(
                     stream, steps_per_epoch=chunk * micro, initial_epoch=step // every,
@@ -177,20 +222,23 @@ def pretrain(args, extra_callbacks: list) -> int:
                     shuffle=False,  # the stream is shuffled by its pipeline
                 )
                 step += chunk
-                path = checkpointing.save_checkpoint(pretrainer, checkpoints)
+                path = checkpoints.save(pretrainer, step)  # written in the background
                 if args.verbose:
                     log(f"step {step}/{total}: checkpoint {path}")
         except KeyboardInterrupt:
-            path = checkpointing.save_checkpoint(pretrainer, checkpoints)
-            print(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
+            step = int(keras.ops.convert_to_numpy(pretrainer.optimizer.iterations))
+            path = checkpoints.save(pretrainer, step, wait=True)
+            say(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
             return 130
         finally:
             for bar in progress:
                 bar.close()
-        pretrainer.backbone.save_to_preset(os.path.join(args.workdir, "backbone"))
-        print(f"done: {total} steps in {time.perf_counter() - start:.0f} s; trunk "
-              f"saved to {os.path.join(args.workdir, 'backbone')}")
-        return 0
+            checkpoints.close()  # waits for the last save
+    trunk = join(args.workdir, "backbone")
+    export_trunk(pretrainer.backbone, training, trunk)
+    say(f"done: {total} steps in {time.perf_counter() - start:.0f} s "
+        f"(global batch {global_batch}); trunk saved to {trunk}")
+    return 0
 
 
 if __name__ == "__main__":

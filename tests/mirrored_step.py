@@ -28,16 +28,17 @@ from tests.conftest import (  # noqa: E402
 )
 
 STEPS = 3
+CLIP = 0.05
 
 
 def pretrainer(initial=None):
     model = keras_aim.AIMPretrainer(
         make_tiny_backbone(), pixel_head_width=32, pixel_head_depth=2, seed=0
     )
-    # Without clipping: Keras clips each replica's gradients before the
-    # all-reduce (see docs/distribution.md), which would make the updates differ.
+    # A small clipping norm, so that clipping changes every step: it applies
+    # to the gradient summed over the replicas, as on one device.
     model.compile(
-        optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=None)
+        optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3, global_clipnorm=CLIP)
     )
     if initial is not None:
         model.set_weights(initial)
@@ -91,6 +92,8 @@ with strategy.scope():
     mirrored_losses, mirrored_weights = train(mirrored, images)
 print(json.dumps({
     "replicas": strategy.num_replicas_in_sync,
+    "clip": CLIP,
+    "gradient_norm": float(np.sqrt(sum(np.sum(g ** 2) for g in single_gradients))),
     "single_loss": single_loss,
     "mirrored_loss": mirrored_loss,
     "max_relative_gradient_difference": largest_difference(

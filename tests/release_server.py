@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -11,13 +12,17 @@ class ReleaseServer:
     """Serves `files` ({name: bytes}) with HTTP Range support.
 
     `cut_next[name] = n` makes the next response for `name` stop after n
-    body bytes (the connection drops mid-download). `requests` records every
-    (path, Range header) received.
+    body bytes (the connection drops mid-download). `seconds_per_chunk`
+    makes it slow: the body goes out in 64 KiB pieces with that pause
+    before each. `requests` records every (path, Range header) received.
     """
+
+    CHUNK = 64 * 1024
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
         self.cut_next: dict[str, int] = {}
+        self.seconds_per_chunk = 0.0
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -48,7 +53,13 @@ class ReleaseServer:
                     )
                 self.end_headers()
                 cut = server.cut_next.pop(name, None)
-                self.wfile.write(body if cut is None else body[:cut])
+                body = body if cut is None else body[:cut]
+                try:
+                    for start in range(0, len(body), server.CHUNK):
+                        time.sleep(server.seconds_per_chunk)
+                        self.wfile.write(body[start:start + server.CHUNK])
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client went away (e.g. it was killed)
                 if cut is not None:
                     self.close_connection = True
 

@@ -30,6 +30,20 @@ def test_pretraining_stream_shapes_and_exact_resume(augmentation):
     assert not np.array_equal(full[0], other.numpy())
 
 
+def test_shards_of_a_stream_are_the_parts_of_its_global_batches():
+    (x_train, _), _ = data.digits(16)
+    full = [b.numpy() for b in data.pretraining_dataset(
+        x_train, 8, 16, "shift", seed=3, start_step=1).take(3)]
+    parts = [[b.numpy() for b in data.pretraining_dataset(
+        x_train, 8, 16, "shift", seed=3, start_step=1, shard=(i, 4)).take(3)]
+        for i in range(4)]
+    for step in range(3):
+        np.testing.assert_array_equal(
+            np.concatenate([part[step] for part in parts]), full[step])
+    with pytest.raises(ValueError, match=r"shard \(0, 3\) does not split batches of 8"):
+        data.pretraining_dataset(x_train, 8, 16, shard=(0, 3))
+
+
 def test_aim_augmentation_takes_any_image_size():
     import tensorflow as tf
 

@@ -96,6 +96,43 @@ def test_batch_not_divisible_by_batch_axis_names_the_fix():
         distribution.check_batch_divisible(12, distribution.parse_mesh("2x1"), accumulate=4)
 
 
+def test_a_mesh_that_misses_the_devices_of_the_processes_is_refused(monkeypatch):
+    """What every process computes from the others' device counts (the
+    exchange itself runs in tests/test_multi_process.py)."""
+    from keras_aim.training import distribution_jax
+
+    counts = np.array([[4], [4]], np.int32)  # two processes of 4 devices
+    monkeypatch.setattr(distribution_jax, "_allgather", lambda values: counts)
+    distribution_jax.check_devices(8, "2x4")
+    with pytest.raises(ValueError, match=r"Mesh 4x1 uses 4 devices, but the 2 processes "
+                       r"have 4 \+ 4 = 8. Use a mesh whose BATCH x MODEL is 8, e.g. 8x1"):
+        distribution_jax.check_devices(4, "4x1")
+
+
+def test_processes_that_disagree_are_named_setting_by_setting(monkeypatch):
+    from keras_aim.training import distribution_jax
+
+    theirs = json.dumps({"batch_size": 64, "mesh": "8x1", "seed": 0}, sort_keys=True)
+
+    def allgather(values):  # this process, then one started with --batch-size 64
+        if values.shape == (1,):
+            return np.array([values, [len(theirs)]], np.int32)
+        other = np.zeros_like(values)
+        other[: len(theirs)] = np.frombuffer(theirs.encode(), np.uint8)
+        return np.stack([values, other])
+
+    monkeypatch.setattr(distribution_jax, "_allgather", allgather)
+    with pytest.raises(ValueError) as error:
+        distribution_jax.check_same_on_every_process(
+            {"batch_size": 32, "mesh": "8x1", "seed": 0, "remat": False})
+    assert str(error.value).splitlines() == [
+        "The processes of this run were started with different settings:",
+        "  process 1: batch_size = 64 (process 0: 32)",
+        "  process 1: remat = None (process 0: False)",
+        "Start every process with the same command and config.",
+    ]
+
+
 def _args(**overrides):
     parser = common.argparse.ArgumentParser()
     common.add_distribution_arguments(parser)
@@ -247,13 +284,14 @@ def test_the_multi_device_pass_fails_without_its_devices():
 
 @pytest.mark.slow
 @once_in_jax_pass
-def test_mirrored_strategy_steps_match_a_single_device():
+def test_mirrored_strategy_clipped_steps_match_a_single_device():
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "mirrored_step.py")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2
+    assert result["gradient_norm"] > 2 * result["clip"]  # clipping changed the step
     np.testing.assert_allclose(result["mirrored_loss"], result["single_loss"], rtol=1e-5)
     assert result["max_relative_gradient_difference"] < 1e-5
     assert len(result["single_step_losses"]) == 3

@@ -34,9 +34,12 @@ def pretrain_process(workdir, *extra):
 
 
 def final_state(workdir):
-    path = workdir / "checkpoints" / "ckpt-000000040.npz"
-    with np.load(path) as stored:
-        return {k: stored[k] for k in stored.files}
+    from keras_aim.training.checkpointing import read_checkpoint
+
+    step, state = read_checkpoint(str(workdir / "checkpoints"))
+    assert step == 40
+    return {f"{group}/{key}": value for group, values in state.items()
+            for key, value in values.items()}
 
 
 @pytest.mark.slow
@@ -44,8 +47,8 @@ def final_state(workdir):
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = pretrain_process(tmp_path / "straight")
     interrupted = pretrain_process(tmp_path / "killed")
-    first = tmp_path / "killed" / "checkpoints" / "ckpt-000000010.npz"
-    deadline = time.time() + 240
+    first = tmp_path / "killed" / "checkpoints" / "10"  # Orbax renames it when complete
+    deadline = time.time() + 420  # a loaded 2-core machine took over 240 s
     while not first.exists() and interrupted.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert first.exists(), interrupted.communicate()[1][-3000:]
@@ -68,11 +71,21 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
+    short = ["--config", "tiny", "--steps", "2", "--checkpoint-every", "2",
+             "--batch-size", "8", "--verbose", "0", "--workdir", str(tmp_path)]
+    assert pretrain.main(short) == 0
+    assert pretrain.main(short) == 1
+    assert "already has checkpoints; pass --resume" in capsys.readouterr().err
+
+
+def test_checkpoints_of_the_older_format_are_named_not_ignored(tmp_path, capsys):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "ckpt-000000010.npz").write_bytes(b"")
-    assert pretrain.main(RUN + ["--workdir", str(tmp_path)]) == 1
-    assert "already has checkpoints; pass --resume" in capsys.readouterr().err
+    for resume in ([], ["--resume"]):
+        assert pretrain.main(RUN + ["--workdir", str(tmp_path), *resume]) == 1
+        assert ("holds checkpoints of an older keras_aim (ckpt-000000010.npz)"
+                in capsys.readouterr().err)
 
 
 def test_resume_of_a_missing_or_empty_workdir_is_refused(tmp_path, capsys):
@@ -209,7 +222,8 @@ def test_finetune_lora_recipe_saves_adapters_probe_and_merged(tmp_path, capsys):
     assert "adapters 1,536 = " in printed
     assert "LoRA r=4 fine-tuned probe: top-1 " in printed
     assert {p.name for p in out.iterdir()} == {
-        "adapters.lora.h5", "probe.weights.h5", "merged_backbone", "log.csv", "tensorboard"
+        "adapters.lora.h5", "probe.weights.h5", "merged_backbone", "log.csv", "tensorboard",
+        "run.json",
     }  # no backup: the run finished
     merged = keras_aim.AIMBackbone.from_preset(str(out / "merged_backbone"))
     assert not merged.blocks[0].attn.qkv.lora_enabled

@@ -24,6 +24,18 @@ def serve_tiny_release(tmp_path, monkeypatch):
     an empty cache at tmp_path; yields the server (the `release` fixture)."""
     files = served_files()
     monkeypatch.setitem(AIM_PRESETS, NAME, None)  # restored after the test
+    register_tiny_preset(files)
+    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
+    with ReleaseServer(files) as server:
+        monkeypatch.setenv("KERAS_AIM_BASE_URL", server.url)
+        yield server
+
+
+def register_tiny_preset(files=None) -> None:
+    """Adds the tiny model to the preset table as `aim_test_tiny` (released
+    files: `served_files()`)."""
+    files = files or served_files()
     register_preset(
         NAME,
         TINY_CONFIG,
@@ -35,8 +47,3 @@ def serve_tiny_release(tmp_path, monkeypatch):
         last_probe_layers=(2, 3),
         num_classes=10,
     )
-    monkeypatch.setenv("KERAS_AIM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("KERAS_AIM_OFFLINE", raising=False)
-    with ReleaseServer(files) as server:
-        monkeypatch.setenv("KERAS_AIM_BASE_URL", server.url)
-        yield server

@@ -1,8 +1,10 @@
 """tf.data pipelines for pre-training and probes, on any Keras backend.
 
 Augmentations use TensorFlow's *stateless* image ops seeded by
-`(seed, element index)`: a run is reproducible, and a resumed run sees
-exactly the images an uninterrupted one would (see `start_step`).
+`(seed, element index)` and every pass over the data has its own fixed
+shuffle: a run is reproducible, and a resumed run (or one under
+`tf.distribute`) sees exactly the images an uninterrupted one would (see
+`start_step`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,34 @@ def _image_source(images) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices(images)
 
 
+def _shuffled_stream(images, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
+    """Endless passes over `images`, each in its own order.
+
+    For an array, image j of pass e is image `index_shuffle(j, (seed, e))`:
+    a full random permutation per pass, a pure function of the element's
+    position, so the stream is the same however it is iterated (and under
+    `tf.distribute`, which iterates a dataset once more than `fit` does on
+    one device; `reshuffle_each_iteration` would tie the order to that).
+    A dataset source goes through a shuffle buffer, reshuffled each pass.
+    """
+    source = _image_source(images)
+    if isinstance(images, tf.data.Dataset):
+        return source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    pixels = tf.constant(np.asarray(images))
+    count = len(pixels)
+
+    def image(position):
+        epoch, index = position // count, position % count
+        order = tf.random.experimental.index_shuffle(
+            index, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+            max_index=count - 1,
+        )
+        return tf.gather(pixels, order)
+
+    return tf.data.Dataset.counter().map(image, num_parallel_calls=tf.data.AUTOTUNE,
+                                         deterministic=True)
+
+
 def pretraining_dataset(
     images,
     batch_size: int,
@@ -137,6 +167,7 @@ def pretraining_dataset(
     start_step: int = 0,
     max_shift: int = 2,
     shuffle_buffer: int = 10_000,
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """An endless, shuffled, augmented stream of normalized image batches.
 
@@ -150,21 +181,34 @@ def pretraining_dataset(
         seed: seeds the shuffle order and every augmentation.
         start_step: batches to skip, so that a run resumed at step k sees
             the same batches as an uninterrupted run.
+        shard: `(index, count)`: yield only part `index` of `count` equal,
+            consecutive parts of every global batch (the images one process
+            of a multi-process run feeds; see
+            `keras_aim.training.distribution_jax.data_shard`). Only those
+            are augmented.
 
     Returns:
-        Dataset of float32 `(batch_size, image_size, image_size, 3)`.
+        Dataset of float32 `(batch_size // count, image_size, image_size, 3)`.
     """
+    index, count = shard
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
-    source = _image_source(images)
-    ds = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat().enumerate().skip(start_step * batch_size)
+    if count < 1 or not 0 <= index < count or batch_size % count:
+        raise ValueError(
+            f"shard {shard} does not split batches of {batch_size}: use "
+            "(index, count) with 0 <= index < count and count dividing the batch size."
+        )
+    part = batch_size // count
+    ds = _shuffled_stream(images, seed, shuffle_buffer)
+    ds = ds.enumerate().skip(start_step * batch_size)
+    if count > 1:  # before augmenting: each process augments its part only
+        ds = ds.filter(lambda i, image: (i % batch_size) // part == index)
     ds = ds.map(
         _augment_fn(augmentation, image_size, seed, max_shift),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def classification_dataset(
@@ -179,6 +223,7 @@ def classification_dataset(
     num_classes: int | None = None,
     shuffle_buffer: int = 10_000,
     converter=None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """(normalized images, labels) batches for probes and fine-tuning.
 
@@ -190,6 +235,9 @@ def classification_dataset(
     `converter`: the evaluation transform, whose mean/std the augmentations
     use too (default: AIM-v1's `AIMImageConverter` at `image_size`; an
     AIMv2 trunk takes `keras_aim.models.families.evaluation_converter`).
+    `drop_remainder`: leave out the last, smaller batch (a multi-process
+    `fit` needs batches of one known size, which Keras then splits over the
+    processes).
     """
     if labels is None:
         if not isinstance(images, tf.data.Dataset):
@@ -218,7 +266,7 @@ def classification_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def list_image_folder(directory: str):

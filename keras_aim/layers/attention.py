@@ -224,6 +224,33 @@ class AIMAttention(keras.layers.Layer):
         return config
 
 
+def _one_replica():
+    return 0, 1
+
+
+_replica_position = [_one_replica]
+
+
+def replica_position() -> tuple[int, int]:
+    """`(this replica's index, replicas in sync)` for a layer that draws one
+    random value per image of the global batch: replica i holds rows
+    `[i * b, (i + 1) * b)` of each global batch of `replicas * b`. `(0, 1)`
+    unless a backend's distribution code set a way to find out
+    (`set_replica_position`)."""
+    return _replica_position[0]()
+
+
+def set_replica_position(function) -> None:
+    """Installs `function() -> (index, count)` as `replica_position`.
+
+    Layers stay backend-agnostic: the distribution code of a backend whose
+    replicas each run the model on a slice of the batch
+    (`keras_aim.training.distribution_tf`, for tf.distribute) installs its
+    own when it makes a strategy. JAX's keras.distribution traces one
+    program for the global batch and needs none."""
+    _replica_position[0] = function
+
+
 @keras.saving.register_keras_serializable(package="keras_aim")
 class AIMPrefixSampler(keras.layers.Layer):
     """Samples each image's prefix length S uniformly from [1, N-1].
@@ -263,16 +290,28 @@ class AIMPrefixSampler(keras.layers.Layer):
         self.seed = seed
         self.eval_seed = eval_seed
         self.causal_only = causal_only
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        # Named after the layer: the state's variable path stays the same
+        # however many generators the process made before (checkpoints key
+        # variables by path).
+        self.seed_generator = keras.random.SeedGenerator(
+            seed, name=f"{self.name}_seed_generator"
+        )
 
     def call(self, images, training=None):
-        shape = (ops.shape(images)[0],)
+        batch = ops.shape(images)[0]
         if self.causal_only:
-            return ops.ones(shape, dtype="int32")
+            return ops.ones((batch,), dtype="int32")
         seed = self.seed_generator if training else self.eval_seed
-        return keras.random.randint(
-            shape, minval=1, maxval=self.num_patches, dtype="int32", seed=seed
+        # When each replica holds a slice of the global batch (TensorFlow's
+        # tf.distribute): draw for the whole batch, keep this replica's rows,
+        # as one device (or JAX's keras.distribution) would draw them.
+        replica, replicas = replica_position()
+        draws = keras.random.randint(
+            (batch * replicas,), minval=1, maxval=self.num_patches, dtype="int32", seed=seed
         )
+        if replicas == 1:
+            return draws
+        return ops.slice(draws, (replica * batch,), (batch,))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0],)

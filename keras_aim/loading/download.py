@@ -201,7 +201,7 @@ def _fetch_into(url: str, partial: str, timeout: float, progress: bool) -> None:
         bar = _progress_bar(os.path.basename(url), total, start, progress)
         written = start
         with open(partial, "ab" if start else "wb") as handle:
-            while chunk := response.read(CHUNK_BYTES):
+            while chunk := response.read1(CHUNK_BYTES):  # what has arrived
                 handle.write(chunk)
                 written += len(chunk)
                 bar.update(len(chunk))

@@ -19,15 +19,29 @@ Cache layout (`$KERAS_AIM_HOME`, default `~/.keras/keras_aim`):
 
 Every file and folder appears by an atomic rename once complete, so an
 interrupted run leaves nothing half-written behind.
+
+Any number of processes and threads may load the same preset at once (the
+hosts of a multi-host job on a shared cache, two notebooks): each entry is
+written under a file lock (`.locks/<entry>.lock` in the cache, with
+`filelock`, the lock library huggingface_hub uses), so one process downloads or converts while the
+others wait and then read the finished entry. A lock dies with its process:
+the next writer resumes a killed download from its `.part` file and removes
+the staging folders a killed conversion left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Iterable
+import sys
+from typing import Callable, Iterable, Iterator
 
 from keras_aim.loading.download import download_file, verify_sha256
-from keras_aim.utils.atomic_files import atomic_directory, atomic_file
+from keras_aim.utils.atomic_files import (
+    atomic_directory,
+    atomic_file,
+    remove_staging_leftovers,
+)
 
 SHARD_SIZE_GB = 5.0  # keras-hub shards model.weights.h5 above this size
 CACHED_DTYPES = ("float32", "bfloat16", "float16")
@@ -49,6 +63,40 @@ def release_url(filename: str, default_base_url: str) -> str:
 
 def downloaded_path(filename: str) -> str:
     return os.path.join(keras_aim_home(), "downloads", *filename.split("/"))
+
+
+@contextlib.contextmanager
+def entry_lock(path: str, progress: bool = True) -> Iterator[None]:
+    """Holds the lock that guards the writers of cache entry `path` (see
+    `_lock_file`). While another process or thread holds it,
+    says so on stderr (with `progress`) and waits."""
+    from filelock import FileLock, Timeout
+
+    lock_file = _lock_file(path)
+    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        if progress:
+            print(f"waiting for another process to finish {path} "
+                  f"(lock {lock.lock_file})", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _lock_file(path: str) -> str:
+    """Where the lock of cache entry `path` lives: under `.locks/` in the
+    cache (huggingface_hub's layout), so that the entries' folders hold
+    entries only; beside `path`, hidden, for a path outside the cache."""
+    home, path = os.path.abspath(keras_aim_home()), os.path.abspath(path)
+    if os.path.commonpath([home, path]) == home:
+        return os.path.join(home, ".locks", os.path.relpath(path, home) + ".lock")
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.lock")
 
 
 def release_file(
@@ -79,7 +127,10 @@ def release_file(
             f"it again, or replace it with the released file ({url})."
         ))
         return cached
-    return download_file(url, cached, sha256, progress=progress)
+    with entry_lock(cached, progress):
+        if os.path.exists(cached):  # another process finished it meanwhile
+            return cached
+        return download_file(url, cached, sha256, progress=progress)
 
 
 def url_file(
@@ -95,7 +146,10 @@ def url_file(
     cached = downloaded_path(cache_name)
     if os.path.exists(cached):
         return cached
-    return download_file(url, cached, sha256, progress=progress, verify=verify)
+    with entry_lock(cached, progress):
+        if os.path.exists(cached):  # another process finished it meanwhile
+            return cached
+        return download_file(url, cached, sha256, progress=progress, verify=verify)
 
 
 def variable_dtype(dtype) -> str:
@@ -124,14 +178,21 @@ def cached_preset(name: str, dtype, write: Callable[[str, str], None]) -> str:
     """The cached preset folder of `name` usable for `dtype`; if there is
     none, `write(staging_folder, variable_dtype)` fills a new one (in
     `dtype`'s variable dtype: bfloat16 halves the memory converting needs),
-    which is renamed into the cache when complete."""
+    which is renamed into the cache when complete. One process or thread
+    writes while the others wait for it (`entry_lock`); staging folders of a
+    killed writer are removed first."""
     cached = find_cached_preset(name, dtype)
     if cached is not None:
         return cached
     target_dtype = variable_dtype(dtype)
     target = preset_cache_dir(name, target_dtype)
-    with atomic_directory(target) as staging:
-        write(staging, target_dtype)
+    with entry_lock(target):
+        cached = find_cached_preset(name, dtype)
+        if cached is not None:  # written by another process meanwhile
+            return cached
+        remove_staging_leftovers(target)
+        with atomic_directory(target) as staging:
+            write(staging, target_dtype)
     return target
 
 
@@ -140,10 +201,15 @@ def head_cache_path(preset_dir: str, kind: str) -> str:
 
 
 def cached_file(path: str, write: Callable[[str], None]) -> str:
-    """`path`, written first by `write(staging_path)` if it does not exist."""
-    if not os.path.exists(path):
-        with atomic_file(path) as staging:
-            write(staging)
+    """`path`, written first by `write(staging_path)` if it does not exist
+    (by one process or thread at a time, like `cached_preset`)."""
+    if os.path.exists(path):
+        return path
+    with entry_lock(path):
+        if not os.path.exists(path):
+            remove_staging_leftovers(path)
+            with atomic_file(path) as staging:
+                write(staging)
     return path
 
 

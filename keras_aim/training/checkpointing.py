@@ -1,97 +1,379 @@
 """Checkpoints that make an interrupted `fit` resumable: exact step
-checkpoints for pre-training, and epoch backups for probes and fine-tuning
-(`fit_callbacks`).
+checkpoints for pre-training (`TrainingCheckpoints`, on Orbax), and epoch
+backups for probes and fine-tuning (`fit_callbacks`).
 
-A checkpoint is one `.npz` holding every model variable (weights, BatchNorm
-statistics, random-generator states) and every optimizer variable (step
-count, moments), keyed by variable path, plus the step. It is written to a
-temporary file and renamed, so a kill at any moment leaves the previous
-checkpoint intact.
+A step checkpoint holds every model variable (weights, random-generator
+states) and every optimizer variable (step count, moments, accumulators),
+keyed by variable path; the data order follows from the step. It is written
+with Orbax (`orbax.checkpoint.v1.training.Checkpointer`, the API behind
+`keras.callbacks.OrbaxCheckpoint`) on every backend:
+
+- with JAX, each process writes the shards its devices hold (no process
+  gathers a sharded array), and restoring places every value directly in
+  the sharding of the model it is restored into, so a checkpoint written
+  under one mesh restores under any other (or on one device);
+- with TensorFlow and PyTorch the values are host arrays (one process holds
+  all of them; under a multi-worker strategy only worker 0 writes);
+- saving runs in the background while training continues; the newest
+  `keep` checkpoints are kept;
+- a checkpoint appears only once complete (Orbax renames a temporary folder,
+  or on gs:// writes a commit marker last); an incomplete one, left by a
+  kill while saving, is skipped with a message and removed;
+- the directory is a local path (a mounted network filesystem included) or
+  a `gs://` URL (Orbax's TensorStore GCS driver); every access goes through
+  `etils.epath`, never `os.path`.
+
+Why not the `keras.callbacks.OrbaxCheckpoint` callback itself: it closes its
+checkpointer at the end of every `fit` (the pre-training loop calls `fit`
+once per checkpoint interval, and saves on Ctrl-C / SIGTERM outside `fit`),
+it has no restore, and it neither checks a checkpoint against the model
+(configuration, variable shapes) nor reports incomplete checkpoints. This
+module keeps its format choices (Orbax v1, one pytree per step) and adds
+those.
 """
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 import re
+from typing import Callable
 
 import keras
-import numpy as np
 
-from keras_aim.utils.atomic_files import atomic_file
+from keras_aim.utils import remote_paths
 
-_NAME = "ckpt-{step:09d}.npz"
-_PATTERN = re.compile(r"ckpt-(\d{9})\.npz$")
+DEFAULT_KEEP = 2
+_STEP = re.compile(r"^(\d+)")
 
 
-def _state(model) -> dict[str, object]:
-    state = {f"model/{v.path}": v for v in model.variables}
-    state.update({f"optimizer/{v.path}": v for v in model.optimizer.variables})
+def checkpoint_directory(path: str) -> str:
+    """`path` as Orbax needs it: an absolute local path, or a gs:// URL.
+
+    Raises ValueError for other URLs (Orbax 0.12 writes arrays with
+    TensorStore's local-file and GCS drivers only), naming the fix.
+    """
+    if not remote_paths.is_url(path):
+        return os.path.abspath(os.path.expanduser(str(path)))
+    scheme = str(path).split("://")[0]
+    if scheme == "gs":
+        return str(path).rstrip("/")
+    raise ValueError(
+        f"Checkpoints cannot be written to {path}: Orbax writes them to local "
+        "paths (mounted network filesystems included) and to gs:// only. "
+        f"Mount the {scheme}:// bucket (e.g. mountpoint-s3 or s3fs for "
+        "s3://) and pass its local path, or use gs:// or a shared filesystem."
+    )
+
+
+def _orbax():
+    if keras.config.backend() != "jax":
+        # Orbax runs on JAX; with another Keras backend it only moves host
+        # arrays, so keep JAX off any accelerator the model uses.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import orbax.checkpoint as ocp
+
+    return ocp.v1
+
+
+def _optimizer_key(optimizer, variable) -> str:
+    # Optimizer variable paths start with the optimizer's own name (e.g.
+    # "adam_w_1/"), which depends on how many optimizers a process created.
+    prefix = optimizer.name + "/"
+    path = variable.path
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def training_variables(model) -> dict[str, dict[str, object]]:
+    """`{"model": {path: variable}, "optimizer": {path: variable}}`: what a
+    checkpoint of a compiled, built model holds."""
+    if model.optimizer is None:
+        raise ValueError("Compile the model before checkpointing it.")
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    state = {"model": {}, "optimizer": {}}
+    for group, variables, key in (
+        ("model", model.variables, lambda v: v.path),
+        ("optimizer", model.optimizer.variables,
+         lambda v: _optimizer_key(model.optimizer, v)),
+    ):
+        for variable in variables:
+            name = key(variable)
+            if name in state[group]:
+                raise ValueError(
+                    f"Two {group} variables share the path {name!r}; give "
+                    "their layers distinct names to checkpoint the model."
+                )
+            state[group][name] = variable
     return state
 
 
-def save_checkpoint(model, directory: str, keep: int = 2) -> str:
-    """Writes the model + optimizer state at the optimizer's current step;
-    keeps the newest `keep` checkpoints. Returns the path."""
-    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, _NAME.format(step=step))
-    arrays = {k: keras.ops.convert_to_numpy(v) for k, v in _state(model).items()}
-    with atomic_file(path) as staging:
-        np.savez(staging, **arrays)
-    for old in list_checkpoints(directory)[:-keep]:
-        os.remove(old)
-    return path
+def _value(variable):
+    """What Orbax saves for a variable: with JAX the (possibly sharded)
+    array itself, never gathered; otherwise a host copy."""
+    if keras.config.backend() == "jax":
+        return variable.value
+    # Through a tensor: NumPy cannot read scalar tf.distribute variables
+    # (e.g. the optimizer's step) directly inside a multi-worker scope.
+    return keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(variable))
 
 
-def list_checkpoints(directory: str) -> list[str]:
-    """Complete checkpoints in `directory`, oldest first."""
-    paths = glob.glob(os.path.join(directory, "ckpt-*.npz"))
-    return sorted(p for p in paths if _PATTERN.search(p))
+def _signature(variables: dict) -> dict:
+    return {
+        group: {k: [list(v.shape), str(v.dtype)] for k, v in members.items()}
+        for group, members in variables.items()
+    }
 
 
-def restore_checkpoint(model, path: str) -> int:
-    """Loads a checkpoint into a compiled, built model; returns its step.
+def _differences(stored: dict, current: dict, what: str) -> list[str]:
+    lines = []
+    for group in sorted(set(stored) | set(current)):
+        old, new = stored.get(group, {}), current.get(group, {})
+        missing = sorted(set(new) - set(old))
+        extra = sorted(set(old) - set(new))
+        changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        if missing:
+            lines.append(f"{what} {group} variables not in the checkpoint: {_few(missing)}")
+        if extra:
+            lines.append(f"checkpoint {group} variables not in this {what}: {_few(extra)}")
+        lines += [f"{group} {k}: {old[k]} in the checkpoint, {new[k]} here"
+                  for k in changed[:5]]
+    return lines
 
-    Every variable must be present with the same shape (a checkpoint of a
-    different config is refused, naming the differences)."""
-    if model.optimizer is None:
-        raise ValueError("Compile the model before restoring a checkpoint.")
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    state = _state(model)
-    with np.load(path) as stored:
-        missing = sorted(set(state) - set(stored.files))
-        mismatched = sorted(
-            k for k in state if k in stored.files
-            and tuple(stored[k].shape) != tuple(state[k].shape)
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def _is_primary() -> bool:
+    if keras.config.backend() == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    if keras.config.backend() == "tensorflow":
+        from keras_aim.training import distribution_tf
+
+        return distribution_tf.is_chief()
+    return True
+
+
+def _refuse_older_format(directory: str) -> None:
+    """Raises ValueError if `directory` holds the `.npz` checkpoints that
+    keras_aim wrote before it used Orbax (which would otherwise be taken
+    for an empty directory: a new run would start from step 0 beside them)."""
+    if remote_paths.is_url(directory) or not os.path.isdir(directory):
+        return
+    older = sorted(n for n in os.listdir(directory) if n.startswith("ckpt-") and n.endswith(".npz"))
+    if older:
+        raise ValueError(
+            f"{directory} holds checkpoints of an older keras_aim ({older[-1]}), "
+            "which this version cannot resume: finish that run with the version "
+            "that wrote it, or start this one in a new --workdir."
         )
-        if missing or mismatched:
+
+
+class TrainingCheckpoints:
+    """Step checkpoints of a compiled model's whole training state in one
+    directory (see the module docstring).
+
+        checkpoints = TrainingCheckpoints("runs/a/checkpoints", config=config)
+        with distribution.scope():
+            model = build_and_compile()
+            step = checkpoints.restore(model) if checkpoints.latest_step else 0
+            ...
+            checkpoints.save(model, step)   # in the background
+        checkpoints.close()                 # waits for the last save
+
+    Every process of a multi-process JAX run makes the same calls (Orbax
+    coordinates them); the directory must then be shared (gs://, or a
+    filesystem every host mounts).
+
+    Args:
+        directory: local path or gs:// URL.
+        keep: how many of the newest checkpoints to keep.
+        config: JSON-serializable settings the run depends on (architecture,
+            optimizer, batch, seed, ...); `restore` refuses a checkpoint
+            written with other values, naming them.
+        log: where messages go (skipped incomplete checkpoints), e.g.
+            `print`; only the first process logs.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        keep: int = DEFAULT_KEEP,
+        config: dict | None = None,
+        log: Callable[[str], None] | None = print,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1; received {keep}.")
+        self.directory = checkpoint_directory(directory)
+        _refuse_older_format(self.directory)
+        self.config = json.loads(json.dumps(config or {}))  # plain JSON values
+        self._log = log if log is not None and _is_primary() else (lambda _: None)
+        v1 = _orbax()
+        self._writer = keras.config.backend() == "jax" or _is_primary()
+        self._checkpointer = v1.training.Checkpointer(
+            self.directory,
+            preservation_policy=v1.training.preservation_policies.LatestN(keep),
+        )
+        if self._writer:
+            self._remove_incomplete()
+
+    def _remove_incomplete(self) -> None:
+        """Logs and removes the step entries Orbax does not list as complete:
+        a kill while saving leaves a temporary folder (or, on gs://, a step
+        folder without its commit marker, which would block a new save of
+        that step)."""
+        from etils import epath
+
+        root = epath.Path(self.directory)
+        if not root.exists():
+            return
+        complete = {c.path.name for c in self._checkpointer.checkpoints}
+        for entry in sorted(root.iterdir()):
+            if _STEP.match(entry.name) and entry.name not in complete:
+                self._log(f"skipping incomplete checkpoint {entry} (its save "
+                          "was interrupted); removing it")
+                if _is_primary():
+                    entry.rmtree()
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return [c.step for c in self._checkpointer.checkpoints]
+
+    @property
+    def latest_step(self) -> int | None:
+        latest = self._checkpointer.latest
+        return None if latest is None else latest.step
+
+    def save(self, model, step: int, wait: bool = False) -> str:
+        """Starts writing the state of `model` as checkpoint `step` and
+        returns its path; the writing finishes in the background (or before
+        returning, with `wait`). A save waits for the previous one."""
+        variables = training_variables(model)
+        path = f"{self.directory}/{step}"
+        # Every process reads the values (under a TensorFlow multi-worker
+        # strategy, reading some variables is a collective); writers write.
+        state = {g: {k: _value(v) for k, v in m.items()} for g, m in variables.items()}
+        if not self._writer:
+            return path
+        metadata = {"config": self.config, "variables": _signature(variables)}
+        response = self._checkpointer.save_async(
+            step, state, force=True, custom_metadata=metadata
+        )
+        if wait and response is not None:
+            response.result()
+        return path
+
+    def restore(self, model, step: int | None = None) -> int:
+        """Loads checkpoint `step` (default: the newest) into a compiled
+        model and returns its step. Each value goes straight to the layout
+        of the variable it fills (any mesh, or one device).
+
+        Raises ValueError, naming the differences, if the checkpoint was
+        written with another config or for variables of other paths or
+        shapes; FileNotFoundError if there is no checkpoint.
+        """
+        if step is None:
+            step = self.latest_step
+            if step is None:
+                raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        self._checkpointer.wait()
+        variables = training_variables(model)
+        custom = self._checkpointer.metadata(step).custom_metadata or {}
+        problems = [
+            f"{key}: {custom.get('config', {}).get(key)!r} in the checkpoint, "
+            f"{self.config.get(key)!r} here"
+            for key in sorted(set(custom.get("config", {})) | set(self.config))
+            if custom.get("config", {}).get(key) != self.config.get(key)
+        ]
+        problems += _differences(custom.get("variables", {}), _signature(variables), "model")
+        if problems:
             raise ValueError(
-                f"Checkpoint {path} does not fit this model: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"shape mismatches {mismatched[:5]}. Resume with the config "
-                "that wrote it, or start a new run directory."
+                f"Checkpoint {self.directory}/{step} does not fit this run:\n  "
+                + "\n  ".join(problems)
+                + "\nResume with the settings that wrote it, or start a new "
+                "run directory."
             )
-        for key, variable in state.items():
-            variable.assign(stored[key])
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        restored = self._checkpointer.load(step, _abstract_state(variables))
+        for group, members in variables.items():
+            for key, variable in members.items():
+                variable.assign(restored[group][key])
+        return step
+
+    def wait(self) -> None:
+        """Blocks until the background saves are written."""
+        self._checkpointer.wait()
+
+    def close(self) -> None:
+        """Waits for the background saves, then releases Orbax's threads."""
+        self._checkpointer.close()
+
+    def __enter__(self) -> "TrainingCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _abstract_state(variables: dict) -> dict:
+    """The restore target: each leaf's shape, dtype and sharding (the
+    variable's own with JAX; the host CPU otherwise)."""
+    import jax
+
+    if keras.config.backend() == "jax":
+        def leaf(v):
+            return jax.ShapeDtypeStruct(v.shape, v.value.dtype, sharding=v.value.sharding)
+    else:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+        def leaf(v):
+            return jax.ShapeDtypeStruct(
+                v.shape, keras.backend.standardize_dtype(v.dtype), sharding=cpu
+            )
+
+    return {g: {k: leaf(v) for k, v in m.items()} for g, m in variables.items()}
+
+
+def read_checkpoint(directory: str, step: int | None = None) -> tuple[int, dict]:
+    """`(step, {"model": {path: array}, "optimizer": {...}})`: a checkpoint's
+    values as host NumPy arrays, on any backend and device count (for
+    inspection and tests; it holds the whole state in memory)."""
+    import jax
+    import numpy as np
+
+    v1 = _orbax()
+    directory = checkpoint_directory(directory)
+    with v1.training.Checkpointer(directory) as checkpointer:
+        if step is None:
+            if checkpointer.latest is None:
+                raise FileNotFoundError(f"No complete checkpoint in {directory}.")
+            step = checkpointer.latest.step
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        tree = checkpointer.metadata(step).metadata
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree
+        )
+        restored = checkpointer.load(step, abstract)
+    return step, jax.tree.map(np.asarray, restored)
 
 
 class StepCheckpoint(keras.callbacks.Callback):
-    """Saves a checkpoint at the end of every `fit` epoch; use
-    `steps_per_epoch` = the checkpoint interval."""
+    """Saves a checkpoint at the end of every `fit` epoch (use
+    `steps_per_epoch` = the checkpoint interval) through `checkpoints`."""
 
-    def __init__(self, directory: str, keep: int = 2):
+    def __init__(self, checkpoints: TrainingCheckpoints):
         super().__init__()
-        self.directory = directory
-        self.keep = keep
+        self.checkpoints = checkpoints
 
     def on_epoch_end(self, epoch, logs=None):
-        save_checkpoint(self.model, self.directory, self.keep)
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.checkpoints.save(self.model, step)
 
 
-def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
+def fit_callbacks(workdir: str | None, resume: bool = False, process_index: int = 0) -> list:
     """Keras callbacks that make a `fit` of whole epochs observable and
     resumable in `workdir`: TensorBoard logs (`tensorboard/`), a CSV log
     (`log.csv`) and an end-of-epoch backup of the model and optimizer
@@ -100,12 +382,15 @@ def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
     completes). A backup left by an interrupted run is continued only with
     `resume=True`, so a run is never resumed or overwritten by accident.
     No `workdir`: no callbacks.
+
+    In a multi-process run, process 0 writes the logs; every other process
+    keeps only its own backup (`backup-process<i>/`), which it restores from.
     """
     if workdir is None:
         if resume:
             raise ValueError("resume needs the output directory of the run to resume.")
         return []
-    backup = os.path.join(workdir, "backup")
+    backup = os.path.join(workdir, "backup" if process_index == 0 else f"backup-process{process_index}")
     interrupted = os.path.isdir(backup) and bool(os.listdir(backup))
     if interrupted and not resume:
         raise ValueError(
@@ -118,8 +403,10 @@ def fit_callbacks(workdir: str | None, resume: bool = False) -> list:
             "(runs that finished remove their backup). Drop --resume."
         )
     os.makedirs(workdir, exist_ok=True)
-    return [
-        keras.callbacks.BackupAndRestore(backup, double_checkpoint=True),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=resume),
-        keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
-    ]
+    callbacks = [keras.callbacks.BackupAndRestore(backup, double_checkpoint=True)]
+    if process_index == 0:
+        callbacks += [
+            keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=resume),
+            keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard")),
+        ]
+    return callbacks

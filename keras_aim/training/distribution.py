@@ -9,18 +9,27 @@ directly with their sharding (Keras initializes large variables with a
 sharded, jitted initializer and places loaded values shard by shard).
 
 With TensorFlow, `keras.distribution` is not available in Keras 3.15; data
-parallelism uses `tf.distribute.MirroredStrategy` (see
-`keras_aim.training.distribution_tf`). With PyTorch neither exists: asking for more
-than one device raises `DistributionUnavailableError`.
+parallelism uses `tf.distribute.MirroredStrategy`, and across processes
+`MultiWorkerMirroredStrategy` (see `keras_aim.training.distribution_tf`).
+With PyTorch neither exists: asking for more than one device raises
+`DistributionUnavailableError`.
+
+Several processes (hosts): every process runs the same command;
+`initialize_multi_host` starts JAX's distributed runtime from Keras'
+environment variables and `check_multi_host` refuses meshes that leave
+devices out and processes started with different settings
+(`keras_aim.training.distribution_jax` holds the JAX-only parts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 BATCH_DIM = "batch"
 MODEL_DIM = "model"
@@ -210,29 +219,115 @@ def distribution_for_mesh(mesh: Mesh | str, devices=None):
     )
 
 
-def initialize_multi_host() -> None:
-    """`keras.distribution.initialize()` from the standard environment
-    (`KERAS_DISTRIBUTION_JOB_ADDRESSES`, `KERAS_DISTRIBUTION_NUM_PROCESSES`,
-    `KERAS_DISTRIBUTION_PROCESS_ID`; on Cloud TPU they may be absent). Call
-    it first, before anything touches a device. JAX backend only."""
+JOB_ADDRESSES = "KERAS_DISTRIBUTION_JOB_ADDRESSES"
+NUM_PROCESSES = "KERAS_DISTRIBUTION_NUM_PROCESSES"
+PROCESS_ID = "KERAS_DISTRIBUTION_PROCESS_ID"
+
+
+def _int_from_environment(name: str) -> int | None:
+    text = os.environ.get(name)
+    if text in (None, ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer; set it to e.g. 2.") from None
+
+
+def initialize_multi_host(timeout: float = 300.0) -> None:
+    """Starts the runtime of a multi-process run (JAX backend) from Keras'
+    environment variables, like `keras.distribution.initialize()`:
+
+    - `KERAS_DISTRIBUTION_JOB_ADDRESSES`: `HOST:PORT` of process 0, the
+      coordinator (or every process's address, comma-separated, the first
+      being the coordinator's);
+    - `KERAS_DISTRIBUTION_NUM_PROCESSES`: how many processes the run has;
+    - `KERAS_DISTRIBUTION_PROCESS_ID`: this process's number, 0 to N-1.
+
+    On Cloud TPU and under SLURM they may be left unset (JAX finds them).
+    A process that cannot reach the coordinator within `timeout` seconds
+    raises `distribution_jax.CoordinatorUnreachableError` naming the
+    address. All processes then share one random seed (drawn by process 0),
+    as Keras does. Call it first, before anything touches a device.
+    """
     if keras.config.backend() != "jax":
         raise DistributionUnavailableError(
-            "Multi-host training uses keras.distribution.initialize, which "
-            f"Keras {keras.version()} supports on the JAX backend only; use "
-            "KERAS_BACKEND=jax."
+            "Multi-host training with keras.distribution needs the JAX backend "
+            f"in Keras {keras.version()}; use KERAS_BACKEND=jax (or, for data "
+            "parallelism, KERAS_BACKEND=tensorflow with TF_CONFIG: "
+            "MultiWorkerMirroredStrategy)."
         )
-    keras.distribution.initialize()
+    addresses = [a.strip() for a in os.environ.get(JOB_ADDRESSES, "").split(",") if a.strip()]
+    num_processes = _int_from_environment(NUM_PROCESSES)
+    process_id = _int_from_environment(PROCESS_ID)
+    if len(addresses) > 1 and num_processes not in (None, len(addresses)):
+        raise ValueError(
+            f"{JOB_ADDRESSES} lists {len(addresses)} addresses but "
+            f"{NUM_PROCESSES}={num_processes}; list one address per process "
+            "(or only the coordinator's)."
+        )
+    if num_processes is not None and not 0 <= (process_id or 0) < num_processes:
+        raise ValueError(
+            f"{PROCESS_ID}={process_id} is not in 0..{num_processes - 1} "
+            f"({NUM_PROCESSES}={num_processes}); number the processes from 0."
+        )
+    from keras_aim.training import distribution_jax
+
+    distribution_jax.initialize(
+        addresses[0] if addresses else None, num_processes, process_id, timeout
+    )
+    from jax.experimental import multihost_utils
+
+    seed = multihost_utils.broadcast_one_to_all(
+        np.array(np.random.SeedSequence().entropy % 2**31, np.int32)
+    )
+    keras.utils.set_random_seed(int(seed))
 
 
-def distribution_scope(mesh: Mesh | str, devices=None):
+def check_multi_host(mesh: Mesh, settings: dict) -> None:
+    """In a multi-process JAX run, raises ValueError before any training
+    unless the mesh covers the devices of all processes and every process
+    was started with the same `settings` (naming what differs)."""
+    if keras.config.backend() != "jax":
+        return
+    from keras_aim.training import distribution_jax
+
+    distribution_jax.check_same_on_every_process({**settings, "mesh": str(mesh)})
+    distribution_jax.check_devices(mesh.num_devices, str(mesh))
+
+
+@contextlib.contextmanager
+def each_process_alone():
+    """Runs its block without the current `keras.distribution` if that
+    spans several processes: every process then computes the same thing
+    on its own first device (for models too small to be worth splitting,
+    like an attentive probe on extracted features, which every process
+    holds whole). Otherwise it changes nothing."""
+    current = keras.distribution.distribution() if keras.config.backend() == "jax" else None
+    if current is None or getattr(current, "num_processes", 1) == 1:
+        yield
+        return
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)
+
+
+def distribution_scope(mesh: Mesh | str, devices=None, multi_host: bool = False):
     """A context manager to build, compile and fit a model in, for `mesh`
     on the current backend: a `keras.distribution` scope (JAX), a
-    `MirroredStrategy` scope (TensorFlow, data parallel), or nothing for a
-    1x1 mesh. Raises `DistributionUnavailableError` when the backend cannot
-    run the mesh."""
+    `MirroredStrategy` scope (TensorFlow, data parallel; with `multi_host`,
+    the `MultiWorkerMirroredStrategy` of `TF_CONFIG`'s workers), or nothing
+    for a 1x1 mesh. Raises `DistributionUnavailableError` when the backend
+    cannot run the mesh."""
     if isinstance(mesh, str):
         mesh = parse_mesh(mesh)
     check_backend_supports(mesh)
+    if keras.config.backend() == "tensorflow" and multi_host:
+        from keras_aim.training import distribution_tf
+
+        return distribution_tf.multi_worker_strategy(mesh.batch).scope()
     if mesh.num_devices == 1:
         return contextlib.nullcontext()
     if keras.config.backend() == "tensorflow":

@@ -29,7 +29,9 @@ def pretraining_optimizer(
     else a constant learning rate. With `gradient_accumulation_steps=n`
     (>= 2), the weights change every n-th step with the mean gradient of
     the last n batches (Keras' own accumulation); the schedule counts every
-    step, so give `total_steps` in steps, not in updates."""
+    step, so give `total_steps` in steps, not in updates. With TensorFlow it
+    is `distribution_tf.GlobalNormClipAdamW`, which clips the gradient of
+    the whole global batch under a `tf.distribute` strategy."""
     schedule = learning_rate
     if total_steps:
         if total_steps < 2:
@@ -42,7 +44,12 @@ def pretraining_optimizer(
             warmup_target=learning_rate,
             warmup_steps=warmup,
         )
-    optimizer = keras.optimizers.AdamW(
+    adamw = keras.optimizers.AdamW
+    if keras.config.backend() == "tensorflow":
+        # Clips the gradient summed over tf.distribute replicas, not each
+        # replica's (what Keras' TensorFlow optimizer does).
+        from keras_aim.training.distribution_tf import GlobalNormClipAdamW as adamw
+    optimizer = adamw(
         learning_rate=schedule,
         weight_decay=weight_decay,
         beta_1=0.9,

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_aim.layers import AIMAttentionProbe
+from keras_aim.training.distribution import each_process_alone
 from keras_aim.training.optimizers import adamw_warmup_cosine
 from keras_aim.utils.atomic_files import atomic_directory, atomic_file
 
@@ -190,7 +191,9 @@ def train_attentive_probe(
     `probe_features`) with AdamW and a warmup + cosine schedule. Returns a
     model mapping `(B, N, D)` features to logits; its layer `probe` fits
     `AIMImageClassifier.probe`. `callbacks` go to `fit` (e.g. TensorBoard,
-    `keras.callbacks.BackupAndRestore` to resume)."""
+    `keras.callbacks.BackupAndRestore` to resume). In a multi-process run
+    every process trains the same probe on its own device (each holds all
+    the features; a probe is too small to be worth splitting)."""
     features = np.asarray(features, "float32")
     labels = np.asarray(labels)
     if len(labels) == 0 or len(features) != len(labels):
@@ -203,19 +206,20 @@ def train_attentive_probe(
             f"Labels must be in [0, {num_classes}); found {labels.min()}..{labels.max()}."
         )
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=features.shape[1:], name="features")
-    probe = AIMAttentionProbe(features.shape[-1], num_classes, num_heads, name="probe")
-    model = keras.Model(inputs, probe(inputs))
-    steps = epochs * int(np.ceil(len(labels) / batch_size))
-    model.compile(
-        optimizer=adamw_warmup_cosine(
-            learning_rate, steps, weight_decay, gradient_accumulation_steps
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(features, labels, batch_size=batch_size, epochs=epochs, verbose=verbose,
-              callbacks=list(callbacks))
+    with each_process_alone():
+        inputs = keras.Input(shape=features.shape[1:], name="features")
+        probe = AIMAttentionProbe(features.shape[-1], num_classes, num_heads, name="probe")
+        model = keras.Model(inputs, probe(inputs))
+        steps = epochs * int(np.ceil(len(labels) / batch_size))
+        model.compile(
+            optimizer=adamw_warmup_cosine(
+                learning_rate, steps, weight_decay, gradient_accumulation_steps
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        model.fit(features, labels, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                  callbacks=list(callbacks))
     return model
 
 

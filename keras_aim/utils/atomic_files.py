@@ -8,15 +8,19 @@ Every writer in keras_aim that produces a file or folder a user keeps
 goes through these context managers: the data is written beside the
 target under a hidden name, flushed to disk (`fsync` of the files and of the
 folder holding them), then renamed into place in one step. A failure or a
-kill at any moment leaves the previous version, or nothing.
+kill at any moment leaves the previous version, or nothing (except, after a
+kill, the hidden staging entry itself: `remove_staging_leftovers` removes
+those of a target, for writers that hold a lock on it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
+import threading
 from typing import Iterator
 
 
@@ -65,15 +69,54 @@ def _ordinary_permissions(path: str, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def _file_staging_parts(path: str) -> tuple[str, str, str]:
+    """(folder, name before the tag, name after it) of `path`'s staging
+    file: `.{stem}.tmp{tag}.{suffixes}`, keeping the suffixes that writers
+    such as Keras check."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, dot, suffixes = name.partition(".")
+    return folder, f".{stem}.tmp", f"{dot}{suffixes}"
+
+
+def _directory_staging_prefix(path: str) -> str:
+    return f".{os.path.basename(os.path.abspath(path))}.tmp-"
+
+
+def staging_leftovers(path: str) -> list[str]:
+    """The hidden staging files or folders of `path` that `atomic_file` /
+    `atomic_directory` calls have left beside it (a process killed while
+    writing leaves its staging entry)."""
+    folder, head, tail = _file_staging_parts(path)
+    patterns = (
+        os.path.join(glob.escape(folder), glob.escape(head) + "*" + glob.escape(tail)),
+        os.path.join(glob.escape(folder), glob.escape(_directory_staging_prefix(path)) + "*"),
+    )
+    return sorted({p for pattern in patterns for p in glob.glob(pattern)})
+
+
+def remove_staging_leftovers(path: str) -> list[str]:
+    """Removes `staging_leftovers(path)`; returns what it removed. Call it
+    only while no other writer of `path` can be running (e.g. holding the
+    lock that guards `path`): a live writer's staging entry looks the same."""
+    leftovers = staging_leftovers(path)
+    for leftover in leftovers:
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+    return leftovers
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[str]:
     """Yields a staging path beside `path` with the same file suffixes
     (writers such as Keras check them); on success it is flushed and
     replaces `path`, on failure it is removed and `path` stays as it was."""
-    folder, name = os.path.split(os.path.abspath(path))
+    folder, head, tail = _file_staging_parts(path)
     os.makedirs(folder, exist_ok=True)
-    stem, dot, suffixes = name.partition(".")
-    staging = os.path.join(folder, f".{stem}.tmp{os.getpid()}{dot}{suffixes}")
+    # Unique per process and thread: concurrent writers never share one.
+    staging = os.path.join(folder, f"{head}{os.getpid()}-{threading.get_ident()}{tail}")
     try:
         yield staging
         fsync_path(staging)
@@ -121,7 +164,7 @@ def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=_directory_staging_prefix(path), dir=parent)
     try:
         yield staging
         _ordinary_permissions(staging, directory=True)

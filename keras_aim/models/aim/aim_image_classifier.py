@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence, Union
 
 import keras
@@ -309,11 +308,10 @@ def load_released_head(
         load_official_weights(classifier, head_file=source)
         classifier.save_task_weights(staging)
 
-    cached = preset_cache.head_cache_path(backbone_dir, kind)
-    if os.path.exists(cached):
-        classifier.load_task_weights(cached)
-    else:
-        preset_cache.cached_file(cached, write)
+    # The cached head may come from another process (which wrote it while
+    # this one waited): always load it from the cache.
+    cached = preset_cache.cached_file(preset_cache.head_cache_path(backbone_dir, kind), write)
+    classifier.load_task_weights(cached)
 
 
 def released_head_kind(entry: dict, probe_layers: ProbeLayers) -> str:
