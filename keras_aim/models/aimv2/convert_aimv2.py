@@ -184,7 +184,7 @@ class TransformersNames:
     the vision position table `(N, D)` becomes `(1, N, D)`. A key that does
     not fit keeps its own name (and is then reported as unexpected), as
     does a q/k/v group with a member missing. Same interface as the opened
-    state dicts (`keys`, `shape`, `array`, `close`, `name`).
+    state dicts (`keys`, `shape`, `array`, `verify`, `close`, `name`).
     """
 
     def __init__(self, source, lit: bool):
@@ -229,6 +229,14 @@ class TransformersNames:
         original, kind = self._single[key]
         value = self._source.array(original)
         return value[None] if kind == "pos" else value
+
+    def verify(self, keys) -> None:
+        """Checks the data behind `keys` (Apple's names) in the source."""
+        self._source.verify([
+            original
+            for key in keys
+            for original in (self._fused[key] if key in self._fused else (self._single[key][0],))
+        ])
 
     def close(self) -> None:
         self._source.close()
