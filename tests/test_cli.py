@@ -1,7 +1,5 @@
 """The keras-aim command line."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ data specs (tfds included) and mixed-precision fine-tuning."""
 
 import functools
 import os
-import sys
 
 import keras
 import numpy as np

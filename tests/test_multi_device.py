@@ -6,8 +6,6 @@ pass `-m multi_device` fails on fewer devices (tests/conftest.py).
 """
 
 import contextlib
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
