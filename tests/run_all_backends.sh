@@ -18,18 +18,28 @@ export TF_CPP_MIN_LOG_LEVEL=2
 # glibc writes fatal native errors to the terminal unless told otherwise.
 export LIBC_FATAL_STDERR_=1
 
-# One pass of the suite; a pass killed by a signal (a native crash, exit code
-# >= 128) is reported loudly and run once more. Test failures are not retried.
+# One pass of the suite. A native crash (not a test failure) gets one more
+# try: a pass killed by a signal (exit code >= 128) runs again; a test
+# worker that died (pytest-xdist: "node down", its tests reported failed)
+# has the failed tests run again. Test failures alone are not retried.
 run_pass() {
   local name=$1; shift
-  "$@"
-  local code=$?
+  local log
+  log=$(mktemp)
+  "$@" 2>&1 | tee "$log"
+  local code=${PIPESTATUS[0]}
   if ((code >= 128)); then
     echo "WARNING: the $name pass died from signal $((code - 128)) (a native" \
          "crash, not a test failure); running it once more"
     "$@"
     code=$?
+  elif ((code != 0)) && grep -q "node down" "$log"; then
+    echo "WARNING: a test worker of the $name pass died (a native crash, not" \
+         "a test failure); running the failed tests once more"
+    "$@" --last-failed
+    code=$?
   fi
+  rm -f "$log"
   return $code
 }
 
