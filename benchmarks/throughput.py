@@ -225,14 +225,16 @@ def _matmul_timer(framework: str, dtype: str):
     elif framework == "torch":
         import torch
 
-        torch.set_grad_enabled(False)
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def make(shape):
             return torch.randn(shape, dtype=getattr(torch, dtype), device=device)
 
         def run(a, b):
-            torch.mm(a, b)
+            # A local no_grad: this worker also runs inside other processes
+            # (tests), whose autograd state it must leave as it found it.
+            with torch.no_grad():
+                torch.mm(a, b)
             if device == "cuda":
                 torch.cuda.synchronize()
     elif framework == "tensorflow":

@@ -4,6 +4,7 @@ pre-trained trunk and of a random trunk with the same architecture, and
 LoRA fine-tuning of the pre-trained trunk from its probe.
 
     python -m recipes.demo [--steps 600] [--seed 0] [--summary out.json]
+                           [--batch-size 128] [--probe-epochs 60] [--lora-epochs 10]
 
 Shows a progress bar with the loss, then prints the loss curve, the probe and LoRA accuracies, a raw-pixel logistic
 regression baseline for context and the wall time; saves the loss curve as
@@ -39,12 +40,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=CONFIG["total_steps"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=CONFIG["batch_size"],
+                        help="pre-training batch size")
+    parser.add_argument("--probe-epochs", type=int, default=CONFIG["probe_epochs"],
+                        help="epochs of each attentive probe")
+    parser.add_argument("--lora-epochs", type=int, default=CONFIG["lora_epochs"],
+                        help="epochs of LoRA fine-tuning")
     parser.add_argument("--summary", default=None, help="write the figures as JSON")
     parser.add_argument("--plot", default=None, help="loss curve PNG path")
     add_verbosity_argument(parser)
     args = parser.parse_args(argv)
     if args.steps < 2 * CONFIG["log_every"]:
         parser.error(f"--steps must be at least {2 * CONFIG['log_every']}")
+    if min(args.batch_size, args.probe_epochs, args.lora_epochs) < 1:
+        parser.error("--batch-size, --probe-epochs and --lora-epochs must be at least 1")
     quiet(args)
 
     import keras
@@ -59,7 +68,8 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
-    c = dict(CONFIG)
+    c = dict(CONFIG, batch_size=args.batch_size, probe_epochs=args.probe_epochs,
+             lora_epochs=args.lora_epochs)
     (x_train, y_train), (x_test, y_test) = data.digits(c["image_size"], seed=args.seed)
     print(f"digits: {len(x_train)} train / {len(x_test)} test images, "
           f"{c['image_size']}x{c['image_size']}, backend {keras.backend.backend()}")
@@ -139,6 +149,9 @@ def main(argv=None) -> int:
         "seconds": seconds,
         "pretraining_seconds": pretrain_seconds,
         "steps": args.steps,
+        "batch_size": c["batch_size"],
+        "probe_epochs": c["probe_epochs"],
+        "lora_epochs": c["lora_epochs"],
         "seed": args.seed,
         "backend": keras.backend.backend(),
         "loss_curve": [float(v) for v in curve],

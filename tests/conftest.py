@@ -245,3 +245,19 @@ def assert_same_training(expected: dict, got: dict, rtol=1e-5, atol=1e-6) -> Non
     np.testing.assert_allclose(got["step_losses"], expected["step_losses"], rtol=rtol)
     for path, weight in expected["weights"].items():
         np.testing.assert_allclose(got["weights"][path], weight, atol=1e-5, err_msg=path)
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """In the PyTorch pass, a test that leaves autograd switched off fails
+    itself (and autograd is switched back on): otherwise every later test in
+    the same worker that trains would fail instead, far from the cause."""
+    yield
+    if keras.config.backend() != "torch":
+        return
+    import torch
+
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left PyTorch's autograd switched off "
+                    "(torch.set_grad_enabled(False) without restoring it)")

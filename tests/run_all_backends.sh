@@ -15,6 +15,15 @@ echo "=== import rules (lint-imports)"
   || { echo "FAILED: import rules"; exit 1; }
 
 export TF_CPP_MIN_LOG_LEVEL=2
+# JAX's persistent compilation cache, fresh for this run and removed after
+# it: many tests and their subprocesses build the same tiny models, and each
+# distinct program is then compiled once. A size limit turns on JAX's file
+# lock, so parallel workers and processes share it safely.
+JAX_COMPILATION_CACHE_DIR=$(mktemp -d -t keras_aim_jax_cache.XXXXXX)
+trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+export JAX_COMPILATION_CACHE_DIR
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_COMPILATION_CACHE_MAX_SIZE=$((4 * 1024 * 1024 * 1024))
 # glibc writes fatal native errors to the terminal unless told otherwise.
 export LIBC_FATAL_STDERR_=1
 
@@ -50,11 +59,12 @@ failed=()
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend"
   KERAS_BACKEND=$backend run_pass "$backend" \
-    "$PYTHON" -m pytest -q -m "not multi_device" "${WORKERS[@]}" "$@" || failed+=("$backend")
+    "$PYTHON" -m pytest -q -m "not multi_device" "${WORKERS[@]}" --durations=15 "$@" \
+    || failed+=("$backend")
 done
 echo "=== multi-device: KERAS_BACKEND=jax, 8 virtual CPU devices"
 KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-  run_pass multi-device "$PYTHON" -m pytest -q -m multi_device "$@" \
+  run_pass multi-device "$PYTHON" -m pytest -q -m multi_device --durations=5 "$@" \
   || failed+=("multi-device")
 
 if ((${#failed[@]})); then

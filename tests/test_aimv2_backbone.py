@@ -1,7 +1,6 @@
 """AIMv2Backbone against Apple's outputs (fixtures/aimv2_tiny/fixed, native),
 its feature API, image-size rules and the presets' architecture numbers."""
 
-import json
 
 import keras
 import numpy as np
@@ -11,7 +10,6 @@ import keras_aim
 from keras_aim.models.aimv2 import aimv2_presets
 from tests import aimv2_tiny
 from tests.conftest import PARITY_ATOL, once_in_jax_pass, to_numpy
-from tests.test_cross_backend import run_everywhere, worst_differences
 
 
 @pytest.fixture(scope="module")
@@ -158,30 +156,3 @@ def test_built_tiny_model_has_the_analytic_count():
 def test_real_build_of_aimv2_large_224_has_the_released_count():
     backbone = keras_aim.AIMv2Backbone.from_preset("aimv2_large_patch14_224", load_weights=False)
     assert backbone.count_params() == 309_197_824
-
-
-CROSS_BACKEND_SCRIPT = r"""
-import sys, numpy as np, keras_aim
-from tests import aimv2_tiny
-from tests.conftest import to_numpy
-fixed, native, lit = aimv2_tiny.fixed_backbone(), aimv2_tiny.native_backbone(), aimv2_tiny.lit_model()
-f, n, l = (aimv2_tiny.outputs(k) for k in ("fixed", "native", "lit"))
-ids = l["input_ids"].astype("int32")
-np.savez(
-    sys.argv[1],
-    fixed=to_numpy(fixed(f["images_nhwc"])),
-    fixed_blocks=np.stack([to_numpy(b) for b in fixed.block_outputs(f["images_nhwc"])]),
-    native_a=to_numpy(native(n["images_a_nhwc"])),
-    native_b=to_numpy(native(n["images_b_nhwc"])),
-    image_embeds=to_numpy(lit.encode_image(l["images_nhwc"])),
-    text_embeds=to_numpy(lit.encode_text(ids)),
-    logits=to_numpy(lit.similarity(l["images_nhwc"], ids)[0]),
-)
-"""
-
-
-@pytest.mark.slow
-@once_in_jax_pass
-def test_aimv2_outputs_agree_across_backends(tmp_path):
-    worst = worst_differences(run_everywhere(CROSS_BACKEND_SCRIPT, tmp_path))
-    assert max(worst.values()) <= 1e-5, json.dumps(worst, indent=1)
