@@ -1,12 +1,11 @@
-"""Recipes: kill-and-resume of pre-training, config errors, the demo."""
+"""Recipes: interrupt-and-resume of pre-training, config errors, the demo.
+(SIGKILL mid-run and resume: tests/test_multi_process.py, test_checkpoints.py.)"""
 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -22,52 +21,6 @@ from tests.conftest import once_in_jax_pass, to_numpy  # noqa: E402
 
 RUN = ["--config", "tiny", "--steps", "40", "--checkpoint-every", "10",
        "--batch-size", "32", "--verbose", "0"]
-
-
-def pretrain_process(workdir, *extra):
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "recipes.pretrain", *RUN,
-         "--workdir", str(workdir), *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def final_state(workdir):
-    from keras_aim.training.checkpointing import read_checkpoint
-
-    step, state = read_checkpoint(str(workdir / "checkpoints"))
-    assert step == 40
-    return {f"{group}/{key}": value for group, values in state.items()
-            for key, value in values.items()}
-
-
-@pytest.mark.slow
-@once_in_jax_pass
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    straight = pretrain_process(tmp_path / "straight")
-    interrupted = pretrain_process(tmp_path / "killed")
-    first = tmp_path / "killed" / "checkpoints" / "10"  # Orbax renames it when complete
-    deadline = time.time() + 420  # a loaded 2-core machine took over 240 s
-    while not first.exists() and interrupted.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert first.exists(), interrupted.communicate()[1][-3000:]
-    interrupted.send_signal(signal.SIGKILL)
-    interrupted.wait()
-    assert not (tmp_path / "killed" / "backbone").exists()  # it did not finish
-
-    resumed = pretrain_process(tmp_path / "killed", "--resume")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from" in out
-    out, err = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err[-3000:]
-
-    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
-    assert a.keys() == b.keys() and len(a) > 50
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
-    assert (tmp_path / "killed" / "backbone" / "config.json").exists()
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
