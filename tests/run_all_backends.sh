@@ -64,7 +64,7 @@ for backend in jax tensorflow torch; do
 done
 echo "=== multi-device: KERAS_BACKEND=jax, 8 virtual CPU devices"
 KERAS_BACKEND=jax XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-  run_pass multi-device "$PYTHON" -m pytest -q -m multi_device --durations=5 "$@" \
+  run_pass multi-device "$PYTHON" -m pytest -q -m multi_device "${WORKERS[@]}" --durations=5 "$@" \
   || failed+=("multi-device")
 
 if ((${#failed[@]})); then

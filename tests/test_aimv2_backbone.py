@@ -1,7 +1,6 @@
 """AIMv2Backbone against Apple's outputs (fixtures/aimv2_tiny/fixed, native),
 its feature API, image-size rules and the presets' architecture numbers."""
 
-
 import keras
 import numpy as np
 import pytest
