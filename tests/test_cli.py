@@ -1,6 +1,5 @@
 """The keras-aim command line."""
 
-
 import numpy as np
 import pytest
 from PIL import Image
