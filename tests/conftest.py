@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import keras_aim  # noqa: E402
+from tests import finished_tests  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "aim_v1_tiny"
 # The reference model: 32x32 images, patch 8, D=64, 4 blocks, 4 heads,
@@ -67,6 +68,17 @@ def fixture_path(name: str) -> str:
 
 
 MULTI_DEVICE_COUNT = 8
+
+
+def pytest_addoption(parser):
+    finished_tests.add_option(parser)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.has_plugin("cacheprovider"):
+        config.pluginmanager.register(
+            finished_tests.FinishedTests(config), "keras_aim_finished_tests"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
