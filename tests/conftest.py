@@ -81,10 +81,33 @@ def pytest_configure(config):
         )
 
 
+# The test files that take longest (minutes each on 2 cores), longest first.
+# pytest-xdist (--dist loadfile) hands out whole files in collection order:
+# starting the longest ones first keeps every worker busy to the end instead
+# of leaving one long file running alone at the tail of a pass.
+LONGEST_FILES_FIRST = (
+    "test_multi_process.py", "test_recipes.py", "test_multi_device.py",
+    "test_study.py", "test_cross_backend.py", "test_downstream.py",
+    "test_quantization.py", "test_export_formats.py", "test_distribution.py",
+)
+
+
+def _longest_files_first(items) -> None:
+    def rank(item):
+        name = item.path.name
+        if name in LONGEST_FILES_FIRST:
+            return LONGEST_FILES_FIRST.index(name)
+        return len(LONGEST_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: every other order stays as collected
+
+
 def pytest_collection_modifyitems(config, items):
-    """The multi-device pass (`-m multi_device`) fails when it finds fewer
-    than 8 devices instead of skipping every test: a lost XLA flag must not
-    turn the pass green. (Elsewhere those tests skip themselves.)"""
+    """Puts the longest test files first (`LONGEST_FILES_FIRST`). The
+    multi-device pass (`-m multi_device`) fails when it finds fewer than 8
+    devices instead of skipping every test: a lost XLA flag must not turn
+    the pass green. (Elsewhere those tests skip themselves.)"""
+    _longest_files_first(items)
     expression = (config.option.markexpr or "").replace(" ", "")
     if expression != "multi_device" or not items:
         return

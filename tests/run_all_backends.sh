@@ -57,9 +57,13 @@ run_pass() {
 
 # One pytest worker per CPU core (pytest-xdist), whole files per worker:
 # most tests are single-threaded, so this nearly halves the time on 2 cores.
-# A crashed worker is not replaced: pytest-xdist 3.8 can wait forever for
-# the replacement under --dist loadfile; run_pass runs the rest instead.
-WORKERS=(-n "${KERAS_AIM_TEST_WORKERS:-auto}" --dist loadfile --max-worker-restart=0)
+# Files go out in collection order, the longest first (tests/conftest.py;
+# pytest-xdist would otherwise start the files with the most tests first,
+# and the few long ones ran last, alone). A crashed worker is not replaced:
+# pytest-xdist 3.8 can wait forever for the replacement under --dist
+# loadfile; run_pass runs the rest instead.
+WORKERS=(-n "${KERAS_AIM_TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder
+         --max-worker-restart=0)
 failed=()
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend"
