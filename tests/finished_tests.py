@@ -10,8 +10,9 @@ So every pass records which tests finished (passed or skipped, nothing
 failed in setup, call or teardown) in pytest's cache, one list per backend
 and marker expression. `pytest --skip-finished` deselects those and runs
 everything else: the crashed test, the failed ones and the ones never run.
-Written here because no pytest plugin offers this for crashed xdist workers
-(pytest-rerunfailures reruns failures too, which must stay failures).
+Written here because the tools at hand rerun failed tests (pytest's
+`--last-failed`, pytest-rerunfailures), and the tests a crashed worker never
+reached did not fail: they are simply missing from the run.
 """
 
 from __future__ import annotations
