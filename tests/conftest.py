@@ -75,10 +75,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if config.pluginmanager.has_plugin("cacheprovider"):
-        config.pluginmanager.register(
-            finished_tests.FinishedTests(config), "keras_aim_finished_tests"
-        )
+    finished_tests.register(config)
 
 
 # The test files that take longest (minutes each on 2 cores), longest first.

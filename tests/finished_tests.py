@@ -74,3 +74,10 @@ class FinishedTests:
         if self.config.getoption(OPTION):
             finished |= self.previously_finished() - self.failed
         self.config.cache.set(_cache_key(self.config), sorted(finished))
+
+
+def register(config: pytest.Config) -> None:
+    """Installs the plugin (a conftest's `pytest_configure`); without
+    pytest's cache (`-p no:cacheprovider`) there is nothing to record in."""
+    if config.pluginmanager.has_plugin("cacheprovider"):
+        config.pluginmanager.register(FinishedTests(config), "keras_aim_finished_tests")

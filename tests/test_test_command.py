@@ -62,11 +62,8 @@ def test_a_crashed_worker_leaves_its_tests_for_skip_finished(tmp_path):
     ones its worker never reached, and nothing that passed."""
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     (tmp_path / "conftest.py").write_text(
-        "from tests import finished_tests\n"
-        "def pytest_addoption(parser):\n"
-        "    finished_tests.add_option(parser)\n"
-        "def pytest_configure(config):\n"
-        "    config.pluginmanager.register(finished_tests.FinishedTests(config))\n"
+        "from tests.finished_tests import add_option as pytest_addoption\n"
+        "from tests.finished_tests import register as pytest_configure\n"
     )
     (tmp_path / "test_a_crash.py").write_text(_CRASHES_ONCE)
     for name in ("b", "c", "d"):
