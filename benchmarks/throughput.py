@@ -62,6 +62,8 @@ ROOT = os.path.dirname(HERE)
 # Both framework-free: this parent process stays without Keras or a backend
 # (each target runs in its own process).
 from keras_aim.models.aim.aim_presets import pretraining_architecture  # noqa: E402
+from keras_aim.training import memory_plan  # noqa: E402
+from keras_aim.training.memory_plan import PretrainingShape  # noqa: E402
 from keras_aim.utils.atomic_files import atomic_file  # noqa: E402
 
 KERAS_TARGETS = ("keras-jax", "keras-tensorflow", "keras-torch")
@@ -103,31 +105,23 @@ DEVICE_PEAKS = {
 }
 
 
-def forward_flops(config: dict) -> dict:
-    """Analytic FLOPs (2 per multiply-add) of one image's forward pass.
+def _shape(config: dict) -> PretrainingShape:
+    return PretrainingShape(
+        **{k: config[k] for k in ("image_size", "patch_size", "hidden_dim", "num_layers",
+                                  "num_heads")},
+        pixel_head_width=config["head_width"], pixel_head_depth=config["head_depth"])
 
-    `trunk`: patch projection, qkv, attention output projection, MLPs;
-    `attention`: the two `N x N` products (counted in full, also under the
-    causal mask); `pixel_head`: its input projection, MLPs and output
-    projection. Norms, softmax and element-wise ops are not counted.
-    """
-    p, d = config["patch_size"], config["hidden_dim"]
-    n = (config["image_size"] // p) ** 2
-    pixels, depth, ratio = p * p * 3, config["num_layers"], 4.0
-    trunk = 2 * n * pixels * d + depth * 2 * n * d * d * (4 + 2 * ratio)
-    attention = depth * 4 * n * n * d
-    w = config["head_width"]
-    head = (2 * n * d * w + config["head_depth"] * 4 * n * w * w * ratio
-            + 2 * n * w * pixels)
-    return {"trunk": trunk, "attention": attention, "pixel_head": head}
+
+def forward_flops(config: dict) -> dict:
+    """Analytic FLOPs of one image's forward pass (trunk, attention, pixel
+    head): `keras_aim.training.memory_plan.forward_flops` of `config`."""
+    return memory_plan.forward_flops(_shape(config))
 
 
 def step_flops(config: dict) -> dict:
     """FLOPs per image: inference (trunk, full attention) and a pre-training
     step (trunk + pixel head, forward + backward = 3x forward)."""
-    f = forward_flops(config)
-    return {"inference": f["trunk"] + f["attention"],
-            "train": 3 * (f["trunk"] + f["attention"] + f["pixel_head"])}
+    return memory_plan.step_flops(_shape(config))
 
 
 # --- The yardstick: this machine's matmul rates ---------------------------

@@ -4,16 +4,17 @@ numbers, and bad configurations."""
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 
 from keras_aim.studies import scaling
-from tests.conftest import once_in_jax_pass
+from tests.conftest import once_in_torch_pass
 
 
 @pytest.mark.slow
-@once_in_jax_pass
+@once_in_torch_pass
 def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
     from recipes import scaling_study
 
@@ -130,6 +131,60 @@ def test_a_folder_of_something_else_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_the_recipe_keeps_compiled_programs_in_the_study_folder(monkeypatch, tmp_path):
+    from recipes import scaling_study
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        monkeypatch.delenv(name, raising=False)
+    scaling_study.use_compilation_cache(str(tmp_path / "study"))
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "study" / "compilation_cache")
+    assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    # A cache the user chose is kept.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    scaling_study.use_compilation_cache(str(tmp_path / "other"))
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+
+
 def test_config_survives_json():
     config = scaling.StudyConfig()
     assert scaling.StudyConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_estimated_cost_counts_every_run():
+    from keras_aim.training import memory_plan
+
+    config = scaling.StudyConfig()
+    cost = scaling.estimated_cost(config, train_images=1000, val_images=100)
+    assert [r["run"] for r in cost["runs"]] == [run.key for run in config.runs()]
+    first = config.runs()[0]
+    shape = scaling.run_shape(config, first)
+    assert (shape.hidden_dim, shape.num_layers, shape.pixel_head_depth) == (64, 2, 2)
+    step = memory_plan.step_flops(shape)
+    head = memory_plan.forward_flops(shape)["pixel_head"]
+    assert cost["runs"][0]["pretraining_flops"] == 400 * 64 * step["train"]
+    assert cost["runs"][0]["measuring_flops"] == 4 * (
+        100 * (step["inference"] + head) + 1100 * step["inference"])
+    assert cost["total_flops"] == sum(
+        r["pretraining_flops"] + r["measuring_flops"] for r in cost["runs"])
+    # The pixel-head ablations change the head's depth, and so the cost.
+    by_run = {r["run"]: r["pretraining_flops"] for r in cost["runs"]}
+    assert by_run["M-data1-seed0-head_depth_4"] > by_run["M-data1-seed0-base"] \
+        > by_run["M-data1-seed0-head_depth_1"]
+    # The largest step is XL's (widest trunk) in float32 on one device.
+    assert cost["largest_step"].micro_batch_per_device == 64
+
+
+def test_the_recipe_estimates_without_running(tmp_path, capsys):
+    from recipes import scaling_study
+
+    out = tmp_path / "study"
+    assert scaling_study.main([
+        "--out", str(out), "--estimate", "--images", "1281167,50000", "--image-size", "224",
+        "--patch-size", "14", "--steps", "20000", "--batch-size", "256", "--tflops", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 runs on 1281167 training and 50000 held-out images" in printed
+    assert " h at 50 TFLOP/s sustained" in printed and "largest step (batch 256" in printed
+    assert not out.exists()  # nothing was run or written
+    with pytest.raises(SystemExit):
+        scaling_study.main(["--out", str(out), "--estimate", "--images", "1000"])
+    assert "expected TRAIN,VAL image counts" in capsys.readouterr().err

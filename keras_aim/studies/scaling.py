@@ -11,7 +11,7 @@ rerun of an interrupted study skips every finished run and redoes the one
 that was cut off. `summarize` computes the correlations and the final
 tables; `plot` draws the paper-style figures.
 
-    config = StudyConfig()                      # the default study (digits, ~45 min on 2 cores)
+    config = StudyConfig()                      # the default study (digits, 41-72 min on 2 cores)
     results = run_study(config, "runs/study")   # resumable
     summary = summarize(config, results)
 
@@ -216,13 +216,18 @@ def load_data(config: StudyConfig) -> StudyData:
             f"{train.description} has {train.num_classes} classes but "
             f"{val.description} has {val.num_classes}; use matching splits."
         )
-    if train.labels is not None:
-        count = len(train.labels)
-    else:
-        count = int(train.images.cardinality())
-        if count < 0:
-            count = sum(1 for _ in train.images)
-    return StudyData(train, val, count)
+    return StudyData(train, val, count_images(train))
+
+
+def count_images(images) -> int:
+    """The number of images of a `LabeledImages` (a dataset of unknown size
+    is counted by reading it once)."""
+    if images.labels is not None:
+        return len(images.labels)
+    count = int(images.images.cardinality())
+    if count < 0:
+        count = sum(1 for _ in images.images)
+    return count
 
 
 def _classification_batches(images, image_size: int, batch_size: int = 256):
@@ -315,6 +320,55 @@ def execute_run(
             "train_loss": float(history.history["loss"][-1]), "val_loss": val_loss,
             "probe_top1": top1, "seconds": time.perf_counter() - start,
         })
+
+
+# --- Cost ----------------------------------------------------------------------
+
+
+def run_shape(config: StudyConfig, run: Run):
+    """The `PretrainingShape` (trunk + pixel head) of `run`."""
+    from keras_aim.training.memory_plan import PretrainingShape
+
+    size = config.size(run.size)
+    return PretrainingShape(
+        hidden_dim=size.hidden_dim, num_layers=size.num_layers, num_heads=size.num_heads,
+        image_size=config.image_size, patch_size=config.patch_size,
+        pixel_head_width=config.pixel_head_width,
+        pixel_head_depth=VARIANTS[run.variant].get("pixel_head_depth", config.pixel_head_depth),
+    )
+
+
+def estimated_cost(config: StudyConfig, train_images: int, val_images: int) -> dict:
+    """Analytic FLOPs of the whole study (`keras_aim.training.memory_plan`'s
+    count; nothing is built) and the memory of its largest pre-training
+    step on one device.
+
+    Per run: `steps x batch` pre-training steps; at each checkpoint the
+    validation loss (a forward of trunk + pixel head over the held-out
+    images) and the probe's features (a trunk forward over the training and
+    held-out images). The probe's own training (a few thousand parameters
+    per class on cached features) is left out. Returns
+    `{"runs": [...], "total_flops": F, "largest_step": MemoryPlan}`.
+    """
+    from keras_aim.training import memory_plan
+
+    rows = []
+    for run in config.runs():
+        shape = run_shape(config, run)
+        step, forward = memory_plan.step_flops(shape), memory_plan.forward_flops(shape)
+        pretraining = config.steps * config.batch_size * step["train"]
+        measuring = len(config.checkpoints) * (
+            val_images * (step["inference"] + forward["pixel_head"])
+            + (train_images + val_images) * step["inference"])
+        rows.append({"run": run.key, "pretraining_flops": pretraining,
+                     "measuring_flops": measuring})
+    largest = max(config.runs(), key=lambda run: memory_plan.step_flops(run_shape(config, run))["train"])
+    return {
+        "runs": rows,
+        "total_flops": sum(r["pretraining_flops"] + r["measuring_flops"] for r in rows),
+        "largest_step": memory_plan.plan_memory(
+            run_shape(config, largest), 1, 1, config.batch_size, precision="fp32"),
+    }
 
 
 # --- The study ---------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Per-device memory of AIM pre-training on a device mesh, computed (no
-model is built): parameters, optimizer state, gradients and activations.
+model is built): parameters, optimizer state, gradients and activations;
+and the analytic FLOPs of a forward pass and a pre-training step
+(`forward_flops`, `step_flops`), which the benchmarks and the scaling
+study's cost estimate use.
 
 The sharding follows `keras_aim.distribution.layout_map`: the large kernels
 are split over the model axis, everything else is replicated; the batch is
@@ -179,3 +182,30 @@ def plan_memory(
         activations=activations * compute_bytes,
         micro_batch_per_device=micro_batch,
     )
+
+
+def forward_flops(shape: PretrainingShape) -> dict[str, float]:
+    """Analytic FLOPs (2 per multiply-add) of one image's forward pass.
+
+    `trunk`: patch projection, qkv, attention output projection, MLPs;
+    `attention`: the two `N x N` products (counted in full, also under the
+    causal mask); `pixel_head`: its input projection, MLPs and output
+    projection. Norms, softmax and element-wise ops are not counted.
+    """
+    n, d, pixels = shape.num_tokens, shape.hidden_dim, shape.patch_values
+    ratio, depth = shape.mlp_ratio, shape.num_layers
+    trunk = 2 * n * pixels * d + depth * 2 * n * d * d * (4 + 2 * ratio)
+    attention = depth * 4 * n * n * d
+    w = shape.pixel_head_width
+    head = (2 * n * d * w + shape.pixel_head_depth * 4 * n * w * w * shape.pixel_head_mlp_ratio
+            + 2 * n * w * pixels)
+    return {"trunk": trunk, "attention": attention, "pixel_head": head}
+
+
+def step_flops(shape: PretrainingShape) -> dict[str, float]:
+    """FLOPs per image: `inference` (trunk, full attention) and `train`, a
+    pre-training step (trunk + pixel head, forward + backward = 3x the
+    forward)."""
+    f = forward_flops(shape)
+    return {"inference": f["trunk"] + f["attention"],
+            "train": 3 * (f["trunk"] + f["attention"] + f["pixel_head"])}
