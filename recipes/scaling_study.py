@@ -86,7 +86,7 @@ def parse_args(argv=None):
                              "(default: counted from --data)")
     parser.add_argument("--tflops", type=float, default=100.0,
                         help="with --estimate: the sustained TFLOP/s to convert FLOPs to hours "
-                             "(default 100, about 40%% of an H100's bfloat16 peak)")
+                             "(default 100, about 10%% of an H100's dense bfloat16 peak)")
     add_verbosity_argument(parser)
     return parser.parse_args(argv)
 
@@ -95,8 +95,9 @@ def use_compilation_cache(out: str) -> None:
     """Keeps JAX's compiled programs in OUT/compilation_cache (unless
     JAX_COMPILATION_CACHE_DIR is set): runs of one trunk size differ only in
     seed, data or values, so their programs are compiled once (a later run
-    of the smallest trunk on a 2-core CPU: 149 -> 78 s). Has an effect only before JAX is imported (environment
-    variables read by JAX at start-up), and none on other backends."""
+    of the smallest trunk on a 2-core CPU: 149 -> 78 s). Has an effect only
+    before JAX is imported (JAX reads these environment variables at
+    start-up), and none on other backends."""
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out, "compilation_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 

@@ -362,7 +362,8 @@ def estimated_cost(config: StudyConfig, train_images: int, val_images: int) -> d
             + (train_images + val_images) * step["inference"])
         rows.append({"run": run.key, "pretraining_flops": pretraining,
                      "measuring_flops": measuring})
-    largest = max(config.runs(), key=lambda run: memory_plan.step_flops(run_shape(config, run))["train"])
+    largest = max(config.runs(),
+                  key=lambda run: memory_plan.step_flops(run_shape(config, run))["train"])
     return {
         "runs": rows,
         "total_flops": sum(r["pretraining_flops"] + r["measuring_flops"] for r in rows),
