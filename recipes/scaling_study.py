@@ -47,8 +47,7 @@ def print_estimate(config, images: tuple[int, int] | None, tflops: float) -> Non
         data = scaling.load_data(config)
         images = (data.train_count, scaling.count_images(data.val))
     cost = scaling.estimated_cost(config, *images)
-    pretraining = sum(r["pretraining_flops"] for r in cost["runs"])
-    step = cost["largest_step"]
+    pretraining, step = cost["pretraining_flops"], cost["largest_step"]
     print(f"{len(cost['runs'])} runs on {images[0]} training and {images[1]} held-out images:")
     print(f"  pre-training {pretraining / 1e15:.3g} PFLOP, measuring (validation loss and "
           f"probe features at {len(config.checkpoints)} checkpoints) "

@@ -170,8 +170,11 @@ def test_estimated_cost_counts_every_run():
     by_run = {r["run"]: r["pretraining_flops"] for r in cost["runs"]}
     assert by_run["M-data1-seed0-head_depth_4"] > by_run["M-data1-seed0-base"] \
         > by_run["M-data1-seed0-head_depth_1"]
+    assert cost["pretraining_flops"] == sum(r["pretraining_flops"] for r in cost["runs"])
     # The largest step is XL's (widest trunk) in float32 on one device.
     assert cost["largest_step"].micro_batch_per_device == 64
+    assert cost["largest_step"] == memory_plan.plan_memory(
+        scaling.run_shape(config, scaling.Run("XL", 1.0, 0)), 1, 1, 64, precision="fp32")
 
 
 def test_the_recipe_estimates_without_running(tmp_path, capsys):

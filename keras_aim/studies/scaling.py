@@ -242,6 +242,13 @@ def _classification_batches(images, image_size: int, batch_size: int = 256):
 # --- One run ---------------------------------------------------------------
 
 
+def pretrainer_options(config: StudyConfig, run: Run) -> dict[str, Any]:
+    """The `AIMPretrainer` arguments of `run`: the config's pixel head, with
+    its variant's changes."""
+    return {"pixel_head_width": config.pixel_head_width,
+            "pixel_head_depth": config.pixel_head_depth, **VARIANTS[run.variant]}
+
+
 def build_pretrainer(config: StudyConfig, run: Run):
     """The `AIMPretrainer` of `run`, compiled with the paper's optimizer."""
     import keras
@@ -260,9 +267,7 @@ def build_pretrainer(config: StudyConfig, run: Run):
         num_heads=size.num_heads,
         layer_norm_epsilon=1e-5,
     )
-    options = {"pixel_head_width": config.pixel_head_width,
-               "pixel_head_depth": config.pixel_head_depth, **VARIANTS[run.variant]}
-    pretrainer = AIMPretrainer(backbone, seed=run.seed, **options)
+    pretrainer = AIMPretrainer(backbone, seed=run.seed, **pretrainer_options(config, run))
     pretrainer.compile(optimizer=pretraining_optimizer(config.steps, config.learning_rate))
     return pretrainer
 
@@ -329,12 +334,12 @@ def run_shape(config: StudyConfig, run: Run):
     """The `PretrainingShape` (trunk + pixel head) of `run`."""
     from keras_aim.training.memory_plan import PretrainingShape
 
-    size = config.size(run.size)
+    size, options = config.size(run.size), pretrainer_options(config, run)
     return PretrainingShape(
         hidden_dim=size.hidden_dim, num_layers=size.num_layers, num_heads=size.num_heads,
         image_size=config.image_size, patch_size=config.patch_size,
-        pixel_head_width=config.pixel_head_width,
-        pixel_head_depth=VARIANTS[run.variant].get("pixel_head_depth", config.pixel_head_depth),
+        pixel_head_width=options["pixel_head_width"],
+        pixel_head_depth=options["pixel_head_depth"],
     )
 
 
@@ -347,12 +352,12 @@ def estimated_cost(config: StudyConfig, train_images: int, val_images: int) -> d
     validation loss (a forward of trunk + pixel head over the held-out
     images) and the probe's features (a trunk forward over the training and
     held-out images). The probe's own training (a few thousand parameters
-    per class on cached features) is left out. Returns
-    `{"runs": [...], "total_flops": F, "largest_step": MemoryPlan}`.
+    per class on cached features) is left out. Returns `{"runs": [...],
+    "pretraining_flops": F, "total_flops": F, "largest_step": MemoryPlan}`.
     """
     from keras_aim.training import memory_plan
 
-    rows = []
+    rows, largest = [], None  # largest: (training FLOPs per image, shape)
     for run in config.runs():
         shape = run_shape(config, run)
         step, forward = memory_plan.step_flops(shape), memory_plan.forward_flops(shape)
@@ -362,13 +367,15 @@ def estimated_cost(config: StudyConfig, train_images: int, val_images: int) -> d
             + (train_images + val_images) * step["inference"])
         rows.append({"run": run.key, "pretraining_flops": pretraining,
                      "measuring_flops": measuring})
-    largest = max(config.runs(),
-                  key=lambda run: memory_plan.step_flops(run_shape(config, run))["train"])
+        if largest is None or step["train"] > largest[0]:
+            largest = (step["train"], shape)
+    pretraining = sum(r["pretraining_flops"] for r in rows)
     return {
         "runs": rows,
-        "total_flops": sum(r["pretraining_flops"] + r["measuring_flops"] for r in rows),
+        "pretraining_flops": pretraining,
+        "total_flops": pretraining + sum(r["measuring_flops"] for r in rows),
         "largest_step": memory_plan.plan_memory(
-            run_shape(config, largest), 1, 1, config.batch_size, precision="fp32"),
+            largest[1], 1, 1, config.batch_size, precision="fp32"),
     }
 
 
