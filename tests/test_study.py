@@ -23,8 +23,9 @@ def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
     runs = [run.key for run in config.runs()]
     assert len(runs) == 5 and len(set(runs)) == 5
 
-    # Interrupted after two runs...
-    assert scaling_study.main(["--out", str(out), "--quick", "--max-runs", "2"]) == 0
+    # Interrupted after two runs, done at once in two processes...
+    assert scaling_study.main(
+        ["--out", str(out), "--quick", "--max-runs", "2", "--workers", "2"]) == 0
     assert "2 of 5 runs done; rerun to continue" in capsys.readouterr().out
     first = scaling.read_results(str(out))
     assert [r["run"] for r in first] == [runs[0]] * 2 + [runs[1]] * 2
@@ -33,7 +34,8 @@ def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
     with open(out / scaling.RESULTS_FILE, "a") as handle:
         handle.write(json.dumps(partial) + "\n")
 
-    assert scaling_study.main(["--out", str(out), "--quick"]) == 0
+    # ... and continued in this process.
+    assert scaling_study.main(["--out", str(out), "--quick", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     rows = scaling.read_results(str(out))
     assert rows[:4] == first  # finished runs were not redone
@@ -53,11 +55,29 @@ def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
         assert (out / figure).stat().st_size > 5000
     assert "All base checkpoints: Pearson" in printed and "| causal |" in printed
 
+    # A run's numbers do not depend on the process that ran it.
+    again = []
+    scaling.execute_run(config, scaling.load_data(config), config.runs()[0], again.append)
+    for mine, theirs in zip(again, first[:2]):
+        assert {k: v for k, v in mine.items() if k != "seconds"} == \
+            {k: v for k, v in theirs.items() if k != "seconds"}
+
     # Everything done: a rerun only reports; another configuration is refused.
     assert scaling_study.main(["--out", str(out), "--quick"]) == 0
     assert scaling.read_results(str(out)) == rows
     assert scaling_study.main(["--out", str(out), "--quick", "--steps", "8"]) == 1
     assert "another configuration (differs in: checkpoints, steps)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@once_in_torch_pass
+def test_an_error_in_a_worker_process_reaches_the_caller_as_itself(tmp_path):
+    config = dataclasses.replace(scaling.QUICK, data=f"folder:{tmp_path / 'missing'}")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        scaling.run_study(config, str(tmp_path / "study"), log=lambda text: None, workers=2)
+    assert scaling.read_results(str(tmp_path / "study")) == []
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        scaling.run_study(scaling.QUICK, str(tmp_path / "other"), workers=0)
 
 
 def synthetic_rows(config):
