@@ -431,8 +431,9 @@ def run_study(
     off are dropped and the run is done again. `max_runs` stops after that
     many runs (the rest is done by a later call). `workers > 1` runs that
     many runs at a time in separate processes (`run_in_processes`): the same
-    rows, in the same order in `results.jsonl`, each run's rows written when
-    the run ends.
+    rows in the same order in `results.jsonl` (losses may differ in the last
+    digits: fewer threads sum in another order), each run's rows written
+    when the run ends.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1; got {workers}.")
@@ -527,9 +528,9 @@ def run_in_processes(
     import concurrent.futures
     import multiprocessing
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
     waiting = sorted(runs, key=lambda run: -config.size(run.size).parameters(config.patch_size))
     workers = min(workers, len(waiting))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     log(f"{len(waiting)} runs in {workers} processes "
         f"({threads} thread{'s' if threads > 1 else ''} each)")
     context = multiprocessing.get_context("spawn")
