@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             print_estimate(config, args.images, args.tflops)
             return 0
         log = print if args.verbose else (lambda text: None)
-        workers = args.workers or default_workers(config)
+        workers = default_workers(config) if args.workers is None else args.workers
         rows = scaling.run_study(config, args.out, log=log, max_runs=args.max_runs,
                                  workers=workers)
     except (ValueError, FileNotFoundError) as error:

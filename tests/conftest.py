@@ -47,8 +47,9 @@ once_in_jax_pass = pytest.mark.skipif(
 
 
 # The quick scaling study runs once, in the PyTorch pass: eager PyTorch
-# compiles nothing, and the study builds a dozen small models (19 s alone
-# there against 82-159 s of XLA compiling on a 2-core CPU).
+# compiles nothing, and the study builds a dozen small models (30 s there,
+# two of its runs in worker processes, against 82-159 s of XLA compiling on
+# a 2-core CPU).
 once_in_torch_pass = pytest.mark.skipif(
     keras.config.backend() != "torch",
     reason="backend-independent pipeline check; runs once, in the PyTorch pass",

@@ -80,6 +80,15 @@ def test_an_error_in_a_worker_process_reaches_the_caller_as_itself(tmp_path):
         scaling.run_study(scaling.QUICK, str(tmp_path / "other"), workers=0)
 
 
+def test_the_recipe_refuses_zero_workers(tmp_path, capsys):
+    from recipes import scaling_study
+
+    out = tmp_path / "study"
+    assert scaling_study.main(["--out", str(out), "--quick", "--workers", "0"]) == 1
+    assert "workers must be at least 1; got 0" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def synthetic_rows(config):
     """Rows whose probe top-1 is a known function of the loss."""
     rows = []
