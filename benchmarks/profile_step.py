@@ -11,6 +11,12 @@ small CPU config, or the size flags) and prints:
             forward, trunk + pixel head + loss, forward + backward, the whole
             `train_on_batch`), then the step's operations by kind. From
             `jax.profiler` traces.
+  TensorFlow: the oneDNN primitives of the calls (matrix products,
+            attention's batched products, softmax, the patch convolution),
+            each with its ms per call and, for products, GFLOP/s from its
+            shape, against the call's wall time; the rest is TensorFlow's own
+            kernels (norms, GELU, adds, transposes). From `ONEDNN_VERBOSE`,
+            which `main` sets before TensorFlow starts.
   PyTorch:  the trunk's forward through Keras (`predict_on_batch`, a call
             under `torch.inference_mode`) against the plain PyTorch model of
             `torch_reference_aim.py` on the same weights, then the
@@ -19,6 +25,7 @@ small CPU config, or the size flags) and prints:
 
     KERAS_BACKEND=jax python benchmarks/profile_step.py
     KERAS_BACKEND=jax python benchmarks/profile_step.py --cases aim_600m@4/inference
+    KERAS_BACKEND=tensorflow python benchmarks/profile_step.py --cases aim_600m@4/inference
     KERAS_BACKEND=torch python benchmarks/profile_step.py --cases aim_600m@4/inference
 
 A measurement, not a test.
@@ -27,6 +34,7 @@ A measurement, not a test.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -41,9 +49,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402
 
 
-def _median_ms(function, repeats: int = 5) -> float:
-    function()
-    function()
+def _median_ms(function, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -81,6 +89,16 @@ def pooled_trunk(backbone):
     return keras.Model(backbone.input, keras.ops.mean(backbone.output, axis=1))
 
 
+def _large(config: dict) -> bool:
+    """Whether a call takes seconds here (over 20 GFLOP per inference)."""
+    return throughput.step_flops(config)["inference"] * config["batch_size"] > 20e9
+
+
+def _timing(config: dict) -> tuple[int, int]:
+    """`(timed calls, warm-up calls)`: one each where a call takes seconds."""
+    return (1, 1) if _large(config) else (5, 2)
+
+
 def profile_jax(config: dict, images):
     """`(rows, step)`: the (piece, median ms) rows and the timed training step."""
     import jax
@@ -103,14 +121,17 @@ def profile_jax(config: dict, images):
     forward = jax.jit(loss)
     gradients = jax.jit(jax.grad(loss))
     ready = jax.block_until_ready
+    repeats, warmup = _timing(config)
     rows = [
-        ("trunk forward (inference)", _median_ms(lambda: ready(trunk(variables)))),
-        ("trunk + pixel head + loss forward", _median_ms(lambda: ready(forward(variables)))),
-        ("forward + backward", _median_ms(lambda: ready(gradients(variables)))),
+        ("trunk forward (inference)", _median_ms(lambda: ready(trunk(variables)), repeats, warmup)),
+        ("trunk + pixel head + loss forward",
+         _median_ms(lambda: ready(forward(variables)), repeats, warmup)),
+        ("forward + backward", _median_ms(lambda: ready(gradients(variables)), repeats, warmup)),
     ]
     host_images = jax.device_get(images)
     rows.append(("train_on_batch (+ clip, AdamW)",
-                 _median_ms(lambda: pretrainer.train_on_batch(host_images), 3)))
+                 _median_ms(lambda: pretrainer.train_on_batch(host_images), min(repeats, 3),
+                            warmup)))
     return rows, lambda: pretrainer.train_on_batch(host_images)
 
 
@@ -196,7 +217,7 @@ def profile_torch(config: dict, images, modes) -> str:
             keras.layers.Layer.__call__ = original
         return calls[0]
 
-    repeats = 15 if throughput.step_flops(config)["inference"] < 20e9 else 3
+    repeats = 3 if _large(config) else 15
     forward = [
         ("Keras predict_on_batch (NumPy in and out)",
          _median_ms(lambda: trunk.predict_on_batch(images), repeats)),
@@ -219,6 +240,85 @@ def profile_torch(config: dict, images, modes) -> str:
     return "\n".join(tables)
 
 
+@contextlib.contextmanager
+def _stdout_to(path: str):
+    """Send file descriptor 1 (where oneDNN writes its verbose lines, one
+    flushed line each) to `path` for the duration."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "ab") as target:
+        os.dup2(target.fileno(), 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def product_flops(problem: str) -> float:
+    """FLOPs of a oneDNN matmul from its verbose problem, e.g.
+    `1024x1536:1536x4608` or `4x12x256x128:4x12x128x256` (batch dims lead)."""
+    left, right = (tuple(int(d) for d in side.split("x")) for side in problem.split(":"))
+    batch = 1
+    for dim in left[:-2]:
+        batch *= dim
+    return 2.0 * batch * left[-2] * left[-1] * right[-1]
+
+
+def onednn_primitives(lines) -> dict:
+    """`{(kind, problem): [total ms, executions]}` from the `primitive,exec`
+    lines of oneDNN's verbose output (other lines are skipped)."""
+    totals = collections.defaultdict(lambda: [0.0, 0])
+    for line in lines:
+        fields = line.strip().split(",")
+        if not fields[0].endswith("_verbose") or "exec" not in fields[:5]:
+            continue
+        where = fields.index("exec")
+        try:
+            ms = float(fields[-1])
+            entry = totals[(fields[where + 2], fields[-2])]
+        except (IndexError, ValueError):
+            continue
+        entry[0] += ms
+        entry[1] += 1
+    return dict(totals)
+
+
+def profile_tensorflow(name: str, step, calls: int, warmup: int) -> None:
+    """Print one call of `step` split into oneDNN primitives and the rest."""
+    with tempfile.TemporaryDirectory() as directory:
+        log = os.path.join(directory, "onednn.log")
+        with _stdout_to(os.devnull):
+            for _ in range(warmup):
+                step()
+        with _stdout_to(log):
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            wall = 1e3 * (time.perf_counter() - start) / calls
+        with open(log, errors="replace") as handle:
+            totals = onednn_primitives(handle)
+    print(f"\n{name}: {wall:.1f} ms per call (mean of {calls}), by oneDNN primitive:")
+    if not totals:
+        print("  no oneDNN primitive ran (is TF_ENABLE_ONEDNN_OPTS=0 set?)")
+        return
+    inside = sum(ms for ms, _ in totals.values()) / calls
+    slowest = sorted(totals.items(), key=lambda item: -item[1][0])[:12]
+    for (kind, problem), (ms, count) in slowest:
+        rate = (f"  {count * product_flops(problem) / ms / 1e6:.0f} GFLOP/s"
+                if kind in ("gemm_api", "matmul") and ms else "")
+        ms /= calls
+        print(f"  {kind + ' ' + problem:<60}{ms:>9.1f} ms{100 * ms / wall:>6.0f}%{rate}")
+    print(f"  {'all oneDNN primitives':<60}{inside:>9.1f} ms{100 * inside / wall:>6.0f}%")
+    if inside <= wall:
+        print(f"  {'the rest (TensorFlow kernels, runtime)':<60}{wall - inside:>9.1f} ms"
+              f"{100 * (wall - inside) / wall:>6.0f}%")
+    else:
+        print("  (more than the wall time: TensorFlow ran some primitives concurrently,"
+              " so the rest cannot be told apart)")
+
+
 def print_kinds(kinds, per_op, what: str, matrix_flops: float) -> None:
     """The trace's operations by kind (matrix products with their GFLOP/s
     from the analytic count) and the slowest ones."""
@@ -234,10 +334,14 @@ def print_kinds(kinds, per_op, what: str, matrix_flops: float) -> None:
 
 
 def main(argv=None) -> int:
-    if os.environ.get("KERAS_BACKEND", "jax") == "jax":
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    if backend == "jax":
         # Per-operation events in jax.profiler traces (before JAX starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_enable_xprof_traceme=true").strip()
+    elif backend == "tensorflow":
+        # One line per executed oneDNN primitive (read when oneDNN starts).
+        os.environ["ONEDNN_VERBOSE"] = "1"
     import keras
     import numpy as np
 
@@ -265,11 +369,22 @@ def main(argv=None) -> int:
             print(f"\n{'piece':<36}{'ms':>9}{'of step':>9}")
             for name, ms in rows:
                 print(f"{name:<36}{ms:>9.1f}{100 * ms / total:>8.0f}%")
-            print_kinds(*trace_by_kind(step), "compiled train step", flops["train"])
+            print_kinds(*trace_by_kind(step, steps=1 if _large(config) else 4),
+                        "compiled train step", flops["train"])
     elif backend == "torch":
         print(profile_torch(config, images, modes))
+    elif backend == "tensorflow":
+        calls, warmup = _timing(config)
+        if "inference" in modes:
+            trunk = pooled_trunk(build(config, train=False)[0])
+            profile_tensorflow("predict_on_batch of the trunk",
+                               lambda: trunk.predict_on_batch(images), calls, warmup)
+        if "train" in modes:
+            pretrainer = build(config)[1]
+            profile_tensorflow("train_on_batch of the pretrainer",
+                               lambda: pretrainer.train_on_batch(images), calls, warmup)
     else:
-        print("profile_step.py covers the JAX and PyTorch backends.")
+        print(f"profile_step.py covers the JAX, TensorFlow and PyTorch backends, not {backend}.")
     return 0
 
 

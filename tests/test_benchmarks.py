@@ -3,10 +3,12 @@ benchmarks/torch_reference_aim.py computes what keras_aim computes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import keras
 import numpy as np
+
 import pytest
 
 import keras_aim
@@ -337,6 +339,57 @@ def test_profile_sorts_xla_operations_by_kind(monkeypatch):
         "add_bitcast_fusion.3": "other element-wise / reduction fusions",
         "wrapped_broadcast": "other element-wise / reduction fusions",
         "DevicePut": "runtime"}
+
+
+def test_profile_reads_onednn_verbose_lines(monkeypatch):
+    """TensorFlow's profile sums oneDNN's `primitive,exec` lines by kind and
+    problem (both verbose formats) and skips every other line."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_step
+
+    lines = [
+        "onednn_verbose,v1,info,oneDNN v3.7.1",
+        "onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_f32::blocked:ab:f0 "
+        "wei_f32::blocked:ab:f0 dst_f32::blocked:ab:f0,,,1024x1536:1536x4608,120.5",
+        "onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_f32 wei_f32 dst_f32,,,"
+        "1024x1536:1536x4608,79.5",
+        "onednn_verbose,primitive,exec,cpu,matmul,brg_matmul:avx512_core,undef,"
+        "src:f32 wei:f32 dst:f32,attr-scratchpad:user,,4x12x256x128:4x12x128x256,8.25",
+        "onednn_verbose,v1,primitive,create:cache_miss,cpu,softmax,jit,forward,,,4x12,0.5",
+        "onednn_verbose,v1,primitive,exec,cpu,softmax,jit,forward,,,4x12x256x256,not-a-time",
+        "call ms 953.1",
+    ]
+    assert profile_step.onednn_primitives(lines) == {
+        ("gemm_api", "1024x1536:1536x4608"): [200.0, 2],
+        ("matmul", "4x12x256x128:4x12x128x256"): [8.25, 1]}
+    assert profile_step.product_flops("1024x1536:1536x4608") == 2.0 * 1024 * 1536 * 4608
+    assert profile_step.product_flops("4x12x256x128:4x12x128x256") == 2.0 * 48 * 256 * 128 * 256
+
+
+def test_tensorflow_profile_reads_what_the_calls_write(monkeypatch, capfd):
+    """What the timed calls write to file descriptor 1 (where oneDNN logs) is
+    read back and split from the call's time; the warm-up's lines are not
+    counted, and nothing of them reaches the terminal."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import profile_step
+
+    line = b"onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src,,,64x32:32x16,0.0\n"
+    written = []
+
+    def step():
+        os.write(1, line)
+        written.append(1)
+
+    profile_step.profile_tensorflow("a step", step, calls=3, warmup=2)
+    out = capfd.readouterr().out
+    assert len(written) == 5
+    assert "onednn_verbose" not in out
+    assert "a step:" in out and "mean of 3" in out
+    assert "gemm_api 64x32:32x16" in out and "all oneDNN primitives" in out
+    assert "the rest (TensorFlow kernels, runtime)" in out
+
+    profile_step.profile_tensorflow("no oneDNN", lambda: None, calls=1, warmup=0)
+    assert "no oneDNN primitive ran" in capfd.readouterr().out
 
 
 @needs_jax_backend
