@@ -38,6 +38,7 @@ import contextlib
 import glob
 import gzip
 import json
+import math
 import os
 import statistics
 import sys
@@ -260,10 +261,7 @@ def product_flops(problem: str) -> float:
     """FLOPs of a oneDNN matmul from its verbose problem, e.g.
     `1024x1536:1536x4608` or `4x12x256x128:4x12x128x256` (batch dims lead)."""
     left, right = (tuple(int(d) for d in side.split("x")) for side in problem.split(":"))
-    batch = 1
-    for dim in left[:-2]:
-        batch *= dim
-    return 2.0 * batch * left[-2] * left[-1] * right[-1]
+    return 2.0 * math.prod(left[:-2]) * left[-2] * left[-1] * right[-1]
 
 
 def onednn_primitives(lines) -> dict:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-
 import pytest
 
 import keras_aim
