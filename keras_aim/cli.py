@@ -1,5 +1,5 @@
 """The `keras-aim` command line: info, download, classify, zero-shot,
-features, export."""
+features, export, prepare-data."""
 
 from __future__ import annotations
 
@@ -420,6 +420,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from keras_aim.data.records import summary, write_records
+
+    index = write_records(args.data, args.out, shards=args.shards, overwrite=args.overwrite,
+                          tfds_data_dir=args.tfds_data_dir)
+    print(f"{summary(index)}; train on it with --data records:{args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from keras_aim.version import __version__
 
@@ -562,6 +571,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="crop side for trunks built for any size (default 224)",
     )
     export.set_defaults(handler=_export, parser=export)
+
+    prepare = commands.add_parser(
+        "prepare-data",
+        help="write an image folder or a tfds split as record files (random access, "
+        "for --data records:DIR)",
+    )
+    prepare.add_argument(
+        "--data", required=True,
+        help="folder:PATH (PATH/<class>/**/<image>) or tfds:NAME[:SPLIT] (default split: train)",
+    )
+    prepare.add_argument("--out", required=True, help="the records folder to create")
+    prepare.add_argument(
+        "--shards", type=positive_int, default=None,
+        help="number of record files (default: one per ~1 GiB of image bytes)",
+    )
+    prepare.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing records folder (never a folder holding other files)",
+    )
+    prepare.add_argument(
+        "--tfds-data-dir", default=None,
+        help="where tensorflow-datasets keeps prepared data (default: its own)",
+    )
+    prepare.set_defaults(handler=_prepare_data)
     return parser
 
 

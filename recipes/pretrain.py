@@ -55,7 +55,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, help="override batch_size")
     parser.add_argument("--checkpoint-every", type=positive_int, help="override")
     parser.add_argument(
-        "--data", help="digits | tfds:NAME[:SPLIT] | folder:PATH (override)"
+        "--data", help="digits | folder:PATH | records:PATH | tfds:NAME[:SPLIT] (override)"
+    )
+    parser.add_argument(
+        "--data-workers", type=positive_int, default=None, metavar="N",
+        help="threads reading and augmenting images (default: all cores, autotuned)",
+    )
+    parser.add_argument(
+        "--max-bad-images", type=float, default=0.01, metavar="SHARE",
+        help="stop when more than this share of the images read were unreadable "
+        "(default 0.01; each one is skipped and named until then)",
     )
     add_verbosity_argument(parser)
     add_distribution_arguments(parser)
@@ -80,14 +89,11 @@ def validate(config: dict, mesh, accumulate: int = 1) -> None:
 
 
 def image_source(spec: str, seed: int):
-    """uint8 images from a data spec (see --data): an array, or a dataset
-    of images of any size (labels, where the data has them, are dropped)."""
+    """The random-access image source of a data spec (see --data); labels,
+    where the data has them, are not used."""
     from keras_aim.data.sources import labeled_images
 
-    images = labeled_images(spec, "train", seed)
-    if images.labels is not None:
-        return images.images
-    return images.images.map(lambda image, label: image)
+    return labeled_images(spec, "train", seed).source
 
 
 def checkpoint_config(config: dict, args) -> dict:
@@ -158,7 +164,8 @@ def pretrain(args, extra_callbacks: list) -> int:
             "images per batch-axis device per step", flush=True)
 
     from keras_aim import data
-    from keras_aim.training.checkpointing import TrainingCheckpoints
+    from keras_aim.training.callbacks import StopAtStep
+    from keras_aim.training.checkpointing import StepCheckpoint, TrainingCheckpoints
     from keras_aim.utils.remote_paths import join
 
     if training.is_primary or args.resume:
@@ -194,40 +201,67 @@ def pretrain(args, extra_callbacks: list) -> int:
             say(f"resumed from {checkpoints.directory}/{step} at step {step}")
         images = image_source(config["data"], args.seed)
         shard = training.take_data_sharding()
+        # The data position: micro-batches consumed (the optimizer's raw
+        # step count, also mid-accumulation), saved with every checkpoint.
+        next_batch = step * micro
+        if step:
+            saved = checkpoints.data_state(step)
+            next_batch = int(saved.get("next_batch", next_batch))
+
+        def stream_from(batch: int):
+            """The run's stream from micro-batch `batch` on: O(1) to start."""
+            return data.pretraining_dataset(
+                images, micro_batch, config["image_size"], config["augmentation"],
+                seed=args.seed, start_step=batch, shard=shard,
+                workers=args.data_workers, max_bad_fraction=args.max_bad_images,
+            )
+
+        def data_state(_step: int) -> dict:
+            consumed = pretrainer.optimizer._iterations  # micro-batches
+            return {"next_batch": int(keras.ops.convert_to_numpy(consumed))}
 
         # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         total, every = config["total_steps"], config["checkpoint_every"]
         verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro) \
             if training.is_primary else (0, [])
+        log = progress[0].bar.write if progress else say
         callbacks = [
             keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
             keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
             *progress,
             *extra_callbacks,
         ] if training.is_primary else list(extra_callbacks)
-        log = progress[0].bar.write if progress else say
+        callbacks += [
+            StepCheckpoint(checkpoints, data_state,
+                           on_save=lambda at, path: args.verbose and log(
+                               f"step {at}/{total}: checkpoint {path}")),
+            StopAtStep(total),
+        ]
         start = time.perf_counter()
         try:
-            while step < total:
+            # One fit per checkpoint interval ("epoch"), all on one stream; a
+            # run resumed between two checkpoints first ends that interval.
+            if step % every and step < total:
                 chunk = min(every - step % every, total - step)
-                stream = data.pretraining_dataset(
-                    images, micro_batch, config["image_size"],
-                    config["augmentation"], seed=args.seed, start_step=step * micro,
-                    shard=shard,
-                )
                 pretrainer.fit(
-                    stream, steps_per_epoch=chunk * micro, initial_epoch=step // every,
-                    epochs=step // every + 1, verbose=verbose, callbacks=callbacks,
-                    shuffle=False,  # the stream is shuffled by its pipeline
+                    stream_from(next_batch), steps_per_epoch=chunk * micro,
+                    initial_epoch=step // every, epochs=step // every + 1,
+                    verbose=verbose, callbacks=callbacks, shuffle=False,
                 )
                 step += chunk
-                path = checkpoints.save(pretrainer, step)  # written in the background
-                if args.verbose:
-                    log(f"step {step}/{total}: checkpoint {path}")
+                next_batch = data_state(step)["next_batch"]
+            if step < total:
+                pretrainer.fit(
+                    stream_from(next_batch), steps_per_epoch=every * micro,
+                    initial_epoch=step // every, epochs=-(-total // every),
+                    verbose=verbose, callbacks=callbacks,
+                    shuffle=False,  # the stream is shuffled by its pipeline
+                )
+                step = total
         except KeyboardInterrupt:
             step = int(keras.ops.convert_to_numpy(pretrainer.optimizer.iterations))
-            path = checkpoints.save(pretrainer, step, wait=True)
+            path = checkpoints.save(pretrainer, step, wait=True, data_state=data_state(step))
             say(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
             return 130
         finally:

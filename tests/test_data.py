@@ -1,5 +1,7 @@
 """keras_aim.data: embedded digits, augmentations, folders, tfds."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,43 +72,138 @@ def test_bad_inputs_are_named():
         data.classification_dataset(np.zeros((0, 8, 8, 3), np.uint8), [], 2, 8, True)
 
 
-def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
-    for label, color in (("cat", 10), ("dog", 200)):
-        folder = tmp_path / label
-        folder.mkdir()
-        Image.fromarray(np.full((20, 30, 3), color, np.uint8)).save(folder / "a.png")
-        Image.fromarray(np.full((24, 24, 3), color, np.uint8)).save(folder / "b.jpg")
-    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    (tmp_path / "dog" / "notes.txt").write_text("ignored")
-    # A TIFF named .png: Pillow reads it, the pipeline's decoder does not.
-    Image.fromarray(np.full((24, 24, 3), 9, np.uint8)).save(tmp_path / "cat" / "c.png", "TIFF")
-    ds, classes, skipped = data.image_folder(str(tmp_path))
-    assert classes == ["cat", "dog"]
-    assert len(skipped) == 2
-    assert skipped[0].startswith(str(tmp_path / "cat" / "c.png") + ": not a readable image")
-    assert skipped[1].startswith(str(tmp_path / "dog" / "broken.jpg") + ": not a readable image")
-    items = [(image.numpy(), int(label)) for image, label in ds]
-    assert sorted(label for _, label in items) == [0, 0, 1, 1]
-    assert items[0][0].shape == (20, 30, 3)
-    stream = data.pretraining_dataset(ds.map(lambda image, label: image), 2, 16, "aim")
-    assert next(iter(stream)).shape == (2, 16, 16, 3)
+def _folder(root, classes, size=(20, 30), fmt="jpg", seed=0):
+    """`root/<class>/...` with `classes[name]` images each (nested one level
+    for every second image); returns the root as a string."""
+    rng = np.random.RandomState(seed)
+    for name, count in classes.items():
+        for i in range(count):
+            folder = root / name / ("deeper" if i % 2 else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.randint(0, 256, (size[0] // 4, size[1] // 4, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize(size[::-1], Image.BICUBIC).save(folder / f"{i}.{fmt}")
+    return str(root)
+
+
+def test_image_folder_lists_every_depth_without_decoding(tmp_path):
+    from keras_aim.data.listing import list_folder
+
+    root = _folder(tmp_path / "data", {"cat": 3, "dog": 2})
+    (tmp_path / "data" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "data" / "dog" / "notes.txt").write_text("ignored")
+    (tmp_path / "data" / "cat" / "deeper" / "loop").symlink_to(tmp_path / "data" / "cat")
+    listing = list_folder(root)
+    assert listing.class_names == ["cat", "dog"]
+    assert [os.path.relpath(p, root) for p in listing.paths] == [
+        "cat/0.jpg", "cat/2.jpg", "cat/deeper/1.jpg",
+        "dog/0.jpg", "dog/broken.jpg", "dog/deeper/1.jpg"]  # nothing decoded to list
+    assert listing.labels == [0, 0, 0, 1, 1, 1]
+    assert len(listing.problems) == 1 and "a loop" in listing.problems[0]
+    ds, classes, problems = data.image_folder(root)  # a broken file is left out when met
+    assert sorted(int(label) for _, label in ds) == [0, 0, 0, 1, 1]
+    (tmp_path / "data" / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="class folder.*empty hold no image"):
+        list_folder(root)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.image_folder(str(tmp_path / "missing"))
+        list_folder(str(tmp_path / "missing"))
 
 
-def test_skipped_files_are_named_in_the_data_spec_report(tmp_path, capsys):
+def test_folder_stream_resumes_exactly_and_shards_cover_every_batch(tmp_path):
+    root = _folder(tmp_path, {"a": 7, "b": 6}, size=(40, 52))
+    spec = f"folder:{root}"
+    full = [b.numpy() for b in data.pretraining_dataset(spec, 8, 16, "aim", seed=5).take(5)]
+    assert full[0].shape == (8, 16, 16, 3) and np.isfinite(full[0]).all()
+    resumed = [b.numpy() for b in data.pretraining_dataset(
+        spec, 8, 16, "aim", seed=5, start_step=3).take(2)]
+    np.testing.assert_array_equal(resumed[0], full[3])
+    np.testing.assert_array_equal(resumed[1], full[4])
+    # A step far beyond the data starts at once: its batch is a pure function
+    # of (seed, position), the same whether reached by resuming or not.
+    far = next(iter(data.pretraining_dataset(spec, 8, 16, "aim", seed=5, start_step=10**6)))
+    assert far.shape == (8, 16, 16, 3)
+    parts = [[b.numpy() for b in data.pretraining_dataset(
+        spec, 8, 16, "aim", seed=5, shard=(i, 4)).take(5)] for i in range(4)]
+    for step in range(5):
+        np.testing.assert_array_equal(np.concatenate([p[step] for p in parts]), full[step])
+
+
+def test_each_process_reads_only_its_share():
+    """The positions a shard reads are disjoint from the others' and cover
+    every global batch, without touching the rest."""
+    from keras_aim.data.pipelines import _shard_positions
+
+    batch, count = 12, 4
+    seen = [list(_shard_positions(7, batch, (i, count)).take(6).as_numpy_iterator())
+            for i in range(count)]
+    everything = sorted(p for share in seen for p in share)
+    assert everything == list(range(7 * batch, 9 * batch))  # two whole global batches
+    assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
+def test_fused_jpeg_crop_equals_a_full_decode_then_crop():
+    """Same crop box; pixels equal inside the crop; on its one-pixel edge
+    ring, where chroma upsampling sees no neighbour outside the crop, 4:4:4
+    JPEGs are equal too and 4:2:0 ones differ by little on average."""
+    import io
+
+    import tensorflow as tf
+
+    from keras_aim.data import augment
+
+    rng = np.random.RandomState(1)
+    for subsampling in (0, 2):  # 4:4:4 and 4:2:0
+        for trial in range(6):
+            coarse = rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(coarse).resize((97 + trial, 83), Image.BICUBIC).save(
+                buffer, "JPEG", quality=90, subsampling=subsampling)
+            encoded = tf.constant(buffer.getvalue())
+            seed = tf.constant([3, trial], tf.int64)
+            fused = augment.random_crop(encoded, seed).numpy().astype(int)
+            whole = augment.random_crop(
+                tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"), seed
+            ).numpy().astype(int)
+            assert fused.shape == whole.shape
+            difference = np.abs(fused - whole)
+            np.testing.assert_array_equal(difference[1:-1, 1:-1], 0)
+            if subsampling == 0:
+                np.testing.assert_array_equal(difference, 0)
+            assert difference.max() <= 48 and difference.mean() < 1.0
+
+
+def test_unreadable_images_are_skipped_named_and_counted(tmp_path):
+    from keras_aim.data.pipelines import BadImages, BadImagesError
+
+    root = _folder(tmp_path / "data", {"a": 6, "b": 6})
+    (tmp_path / "data" / "a" / "3.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "data" / "b" / "x.png", "TIFF")
+    bad = BadImages(stream=open(os.devnull, "w"))
+    batches = [b.numpy() for b in data.pretraining_dataset(
+        f"folder:{root}", 4, 16, "aim", seed=0, bad_images=bad).take(14)]  # 4 passes of 14
+    assert all(b.shape == (4, 16, 16, 3) and np.isfinite(b).all() for b in batches)
+    assert bad.count == 8  # two bad files, met once per pass
+    assert set(bad.names) == {str(tmp_path / "data" / "a" / "3.jpg"),
+                              str(tmp_path / "data" / "b" / "x.png")}
+    # Evaluation leaves them out: every readable image once, none twice.
     from keras_aim.data.sources import labeled_images
 
-    (tmp_path / "a").mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "ok.png")
-    for i in range(7):
-        (tmp_path / "a" / f"bad{i}.jpg").write_bytes(b"no")
-    labeled_images(f"folder:{tmp_path}")
-    printed = capsys.readouterr().out
-    assert f"skipped 7 unreadable image file(s) in {tmp_path}:" in printed
-    for i in range(5):
-        assert str(tmp_path / "a" / f"bad{i}.jpg") in printed
-    assert "bad5.jpg" not in printed and "... and 2 more" in printed
+    source = labeled_images(f"folder:{root}").source
+    labels = np.concatenate([y.numpy() for _, y in data.pipelines.evaluation_batches(
+        source, 5, 16, bad_images=BadImages(stream=open(os.devnull, "w")))])
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
+    # Past the limit the stream stops with a clear error.
+    with pytest.raises(Exception, match="unreadable.*max_bad_fraction"):
+        for _ in data.pretraining_dataset(
+                f"folder:{root}", 4, 16, "aim", max_bad_fraction=0.0,
+                bad_images=BadImages(0.0, stream=open(os.devnull, "w"))).take(40):
+            pass
+    for i in range(6):  # every image of a class unreadable: 4 in a row fail
+        (tmp_path / "data" / "a" / ("deeper" if i % 2 else "") / f"{i}.jpg").write_bytes(b"x")
+    with pytest.raises(Exception, match="images in a row are unreadable"):
+        for _ in data.pretraining_dataset(f"folder:{root}", 4, 16, "aim",
+                                          max_bad_fraction=1.0).take(40):
+            pass
+    assert isinstance(BadImagesError("x"), RuntimeError)
 
 
 def test_decoding_gives_the_pixels_of_the_released_evaluation(tmp_path):

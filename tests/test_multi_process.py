@@ -28,12 +28,29 @@ def assert_same_final_state(reference_dir, run_dir, step):
     assert len(expected["model"]) > 50
 
 
+def digit_folder(root) -> str:
+    """The first 160 embedded digits as PNG files in class folders."""
+    from PIL import Image
+
+    from keras_aim.data import digits
+
+    (images, labels), _ = digits(16)
+    for i, (image, label) in enumerate(zip(images[:160], labels[:160])):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    return str(root)
+
+
 def test_two_jax_processes_killed_then_resumed_on_another_mesh_equal_one_process(tmp_path):
+    """From an image folder: each process reads its share of every batch."""
     work, single = tmp_path / "two_processes", tmp_path / "one_process"
+    data = ["--data", f"folder:{digit_folder(tmp_path / 'images')}"]
     with Job(tmp_path) as job:
-        reference = job.start(PRETRAIN + ["--workdir", str(single)], environment("jax"), "single")
-        first = job.start_jax(PRETRAIN + ["--workdir", str(work), "--multi-host",
-                                          "--mesh", "2x4"], "first")
+        reference = job.start(PRETRAIN + data + ["--workdir", str(single)],
+                              environment("jax"), "single")
+        first = job.start_jax(PRETRAIN + data + ["--workdir", str(work), "--multi-host",
+                                                 "--mesh", "2x4"], "first")
         job.wait_for(lambda: (work / "checkpoints" / "2").is_dir(), first, 420,
                      "first checkpoint")
         first[1].kill()  # SIGKILL one process mid-run
@@ -42,8 +59,8 @@ def test_two_jax_processes_killed_then_resumed_on_another_mesh_equal_one_process
         assert not (work / "backbone").exists()  # it did not finish
 
         # Both restart with --resume, on a data-parallel mesh this time.
-        resumed = job.start_jax(PRETRAIN + ["--workdir", str(work), "--multi-host",
-                                            "--mesh", "8x1", "--resume"], "resumed")
+        resumed = job.start_jax(PRETRAIN + data + ["--workdir", str(work), "--multi-host",
+                                                   "--mesh", "8x1", "--resume"], "resumed")
         outputs = job.wait(resumed + [reference], 600)
     for process in resumed + [reference]:
         assert process.returncode == 0, job.tail(process)

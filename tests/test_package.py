@@ -60,7 +60,8 @@ def test_import_keras_aim_loads_no_framework():
     assert json.loads(run.stdout) == []
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["info"], ["download", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["info"], ["download", "--help"],
+                                  ["prepare-data", "--help"]])
 def test_cli_starts_without_frameworks_and_prints_no_noise(argv):
     code = (
         "import sys, json\n"

@@ -70,26 +70,31 @@ def trained_trunk(workdir):
     return [to_numpy(w) for w in keras_aim.AIMBackbone.from_preset(str(workdir / "backbone")).weights]
 
 
-def test_interrupted_run_resumes_at_its_step_and_runs_only_the_rest(tmp_path, capsys):
-    """On every backend: a run stopped after 2 of 3 steps (between
-    checkpoints) resumes at step 2, runs 1 step, and ends with the weights
-    of an uninterrupted run (a restore that assigned nothing, or resumed at
-    step 0, would not)."""
-    run = ["--config", "tiny", "--steps", "3", "--checkpoint-every", "3",
-           "--batch-size", "8", "--verbose", "0"]
+@pytest.mark.parametrize("steps,every,stop_after", [(3, 3, 2), (5, 2, 3)])
+def test_interrupted_run_resumes_at_its_step_and_runs_only_the_rest(
+        tmp_path, capsys, steps, every, stop_after):
+    """On every backend, from an image folder: a run stopped between
+    checkpoints resumes at its step, runs only the rest, and ends with the
+    weights of an uninterrupted run (a restore that assigned nothing, a
+    resume at step 0 or at another data position would not). The second
+    case ends mid-interval (5 steps, checkpoints every 2)."""
+    folder = image_folders(tmp_path / "images", {"a": 7, "b": 6})
+    run = ["--config", "tiny", "--steps", str(steps), "--checkpoint-every", str(every),
+           "--batch-size", "8", "--verbose", "0", "--data", folder]
     straight = StopAfter()
     assert pretrain.main(run + ["--workdir", str(tmp_path / "straight")], [straight]) == 0
-    assert straight.batches == 3
+    assert straight.batches == steps
+    assert sorted(int(p.name) for p in (tmp_path / "straight" / "checkpoints").iterdir())[-1] == steps
 
-    stopped = StopAfter(stop_after=2)
+    stopped = StopAfter(stop_after=stop_after)
     assert pretrain.main(run + ["--workdir", str(tmp_path / "run")], [stopped]) == 130
     assert "interrupted: checkpoint" in capsys.readouterr().out
     assert not (tmp_path / "run" / "backbone").exists()
 
     resumed = StopAfter()
     assert pretrain.main(run + ["--workdir", str(tmp_path / "run"), "--resume"], [resumed]) == 0
-    assert re.search(r"resumed from \S+ at step 2\n", capsys.readouterr().out)
-    assert resumed.batches == 1
+    assert re.search(rf"resumed from \S+ at step {stop_after}\n", capsys.readouterr().out)
+    assert resumed.batches == steps - stop_after
     for a, b in zip(trained_trunk(tmp_path / "straight"), trained_trunk(tmp_path / "run")):
         np.testing.assert_allclose(b, a, atol=1e-5)
 

@@ -6,6 +6,8 @@
   the command line, image folders and the exported SavedModel.
 - `pipelines`: training / evaluation datasets with AIM's augmentation from
   NumPy arrays, image folders or tensorflow-datasets names.
+- `records`: `write_records`, an image folder or a tfds split as ArrayRecord
+  files read by index (`keras-aim prepare-data`, `--data records:DIR`).
 """
 
 from keras_aim.data.embedded import digits

@@ -1,161 +1,216 @@
 """tf.data pipelines for pre-training and probes, on any Keras backend.
 
-Augmentations use TensorFlow's *stateless* image ops seeded by
-`(seed, element index)` and every pass over the data has its own fixed
-shuffle: a run is reproducible, and a resumed run (or one under
-`tf.distribute`) sees exactly the images an uninterrupted one would (see
-`start_step`).
+Every pipeline is built on a random-access source
+(`keras_aim.data.random_access`) and an *order that is a pure function of
+the position*: global position `p` of a stream is image
+`index_shuffle(p mod n, seed=(seed, p div n))` of the `n` images, a full
+random permutation per pass over the data, and its augmentation is seeded
+by `(seed, p)`. So
+
+- resuming at step `k` starts at position `k * batch_size` in O(1): no image
+  before it is read, decoded or shuffled again;
+- a process of a multi-process run computes the positions of its own part
+  of every global batch and reads and decodes only those images;
+- the shuffle holds indices, never decoded images: memory does not grow
+  with the image size or the number of images.
+
+Why tf.data over a random-access index (not grain): the per-image work
+(JPEG decoding fused with the crop, antialiased bicubic resizing, color
+jitter) is TensorFlow's image ops, which tf.data runs in parallel C++
+threads outside Python's lock; grain would run the same ops eagerly from
+Python workers (or processes) per image. The order and sharding follow
+grain's index sampler and `ShardByJaxProcess` (see docs/architecture.md).
+
+An image that cannot be read or decoded is skipped: the slot gets the next
+image of the listing instead (so every batch keeps its size and resume stays
+exact), a warning names the file, and `BadImages` counts them; the stream
+stops with `BadImagesError` once more than `max_bad_fraction` of the images
+read so far were bad (past 10), or when `SUBSTITUTES` images in a row are.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import threading
 
 import numpy as np
 import tensorflow as tf
 
-from keras_aim.data.images import decode_image, is_image_file, read_images, summarize_errors
-from keras_aim.models.aim.aim_image_converter import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    AIMImageConverter,
+from keras_aim.data.augment import (  # noqa: F401 (re-exported)
+    AUGMENTATIONS,
+    aim_augment,
+    converter_statistics,
+    normalize,
+    shift_augment,
+    transform,
 )
+from keras_aim.data.images import decode_image
+from keras_aim.data.random_access import ArraySource, FileSource, ImageSource
 
-AUGMENTATIONS = ("aim", "shift", "none")
-
-
-def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """[0, 255] pixels -> mean/std normalized float32 (ImageNet's by default)."""
-    images = tf.cast(images, "float32") / 255.0
-    return (images - mean) / std
-
-
-def converter_statistics(converter) -> tuple[tuple, tuple]:
-    """`(mean, std)` over [0, 1] pixels of an image converter, from its
-    scale and offset (`x * scale + offset` on [0, 255] pixels)."""
-    std = tuple(1.0 / (255.0 * float(s)) for s in converter.scale)
-    mean = tuple(-float(o) * s for o, s in zip(converter.offset, std))
-    return mean, std
+# Images tried for one slot: the scheduled one, then the next ones in the
+# listing; when all fail the stream stops.
+SUBSTITUTES = 4
+DEFAULT_MAX_BAD_FRACTION = 0.01
 
 
-def aim_augment(image, seed, image_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The paper's training augmentation on one uint8 image `(H, W, 3)`:
-    random resized crop (area 0.4-1.0, aspect 3/4-4/3, bicubic) to
-    `image_size`, horizontal flip, color jitter (0.4, 0.4, 0.2, 0.1) with
-    probability 0.8, then normalization with `mean`/`std`. `seed`:
-    shape-(2,) int tensor."""
-    seeds = tf.random.experimental.stateless_split(seed, num=7)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seeds[0],
-        min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3),
-        area_range=(0.4, 1.0),
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
-    )
-    image = tf.slice(image, begin, size)
-    image = tf.image.resize(
-        tf.cast(image, "float32"), (image_size, image_size), "bicubic", antialias=True
-    )
-    image = tf.clip_by_value(image, 0.0, 255.0) / 255.0
-    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-
-    def jitter(x):
-        x = tf.image.stateless_random_brightness(x, 0.4, seeds[2])
-        x = tf.image.stateless_random_contrast(x, 0.6, 1.4, seeds[3])
-        x = tf.image.stateless_random_saturation(x, 0.8, 1.2, seeds[4])
-        x = tf.image.stateless_random_hue(x, 0.1, seeds[5])
-        return tf.clip_by_value(x, 0.0, 1.0)
-
-    apply = tf.random.stateless_uniform((), seeds[6]) < 0.8
-    image = tf.cond(apply, lambda: jitter(image), lambda: image)
-    return (image - mean) / std
+class BadImagesError(RuntimeError):
+    """Too many unreadable images; the message names them and the fix."""
 
 
-def shift_augment(image, seed, max_shift: int, image_size: int | None = None,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Random translation by up to `max_shift` pixels (zero padding), then
-    normalization: a gentle augmentation for tiny images such as digits.
+class BadImages:
+    """Counts and names the unreadable images a stream skipped (thread-safe;
+    pass one to a pipeline to read the count)."""
 
-    An image whose size is not `image_size` x `image_size` (or unknown, as
-    in an image folder) is first resized and center-cropped to it, as the
-    evaluation transform does."""
-    height, width = image.shape[0], image.shape[1]
-    if image_size is not None and (height, width) != (image_size, image_size):
-        image = _pixel_crop(image_size)(image)
-        height = width = image_size
-    padded = tf.pad(image, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
-    image = tf.image.stateless_random_crop(padded, (height, width, 3), seed)
-    return normalize(image, mean, std)
+    def __init__(self, max_fraction: float = DEFAULT_MAX_BAD_FRACTION, most_named: int = 20,
+                 stream=sys.stderr):
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1]; received {max_fraction}.")
+        self.max_fraction = max_fraction
+        self.most_named = most_named
+        self.names: list[str] = []
+        self.count = 0
+        self._lock = threading.Lock()
+        self._stream = stream
 
-
-def _pixel_crop(image_size: int) -> AIMImageConverter:
-    """The evaluation resize + center crop, keeping pixels in [0, 255]."""
-    return AIMImageConverter(image_size=(image_size, image_size), scale=1.0, offset=0.0)
-
-
-def _augment_fn(augmentation: str, image_size: int, seed: int, max_shift: int,
-                converter=None):
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(
-            f"augmentation must be one of {AUGMENTATIONS}; received {augmentation!r}."
-        )
-    if converter is None:
-        converter = AIMImageConverter(image_size=(image_size, image_size))
-    mean, std = converter_statistics(converter)
-
-    def fn(index, image):
-        element_seed = tf.stack([tf.constant(seed, tf.int64), index])
-        if augmentation == "aim":
-            return aim_augment(image, element_seed, image_size, mean, std)
-        if augmentation == "shift":
-            return shift_augment(image, element_seed, max_shift, image_size, mean, std)
-        return converter(image)
-
-    return fn
+    def record(self, names: list[str], read: int, all_failed: bool) -> None:
+        """Notes the unreadable images `names` met after about `read` images;
+        raises `BadImagesError` past the limits."""
+        with self._lock:
+            self.count += len(names)
+            for name in names:
+                if len(self.names) < self.most_named:
+                    self.names.append(name)
+                    self._stream.write(f"warning: skipping unreadable image {name}\n")
+                elif self.count % 1000 == 0:
+                    self._stream.write(f"warning: {self.count} unreadable images skipped so far\n")
+            self._stream.flush()
+            count = self.count
+        if all_failed:
+            raise BadImagesError(
+                f"{len(names)} images in a row are unreadable ({', '.join(names)}); "
+                "check the data (a truncated copy, a wrong folder?)."
+            )
+        if count > 10 and count > self.max_fraction * max(read, 1):
+            raise BadImagesError(
+                f"{count} of about {read} images read are unreadable (more than "
+                f"{self.max_fraction:.2%}), e.g. {', '.join(self.names[:5])}. Repair or "
+                "remove them, or raise the limit (max_bad_fraction / --max-bad-images)."
+            )
 
 
-def _image_source(images) -> tf.data.Dataset:
-    if isinstance(images, tf.data.Dataset):
+def as_source(images) -> ImageSource:
+    """An `ImageSource` for an array `(n, H, W, 3)`, a source, or a data spec
+    string (`folder:PATH`, `records:PATH`, `tfds:NAME[:SPLIT]`, `digits`; see
+    `keras_aim.data.sources`)."""
+    if isinstance(images, ImageSource):
         return images
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
+    if isinstance(images, str):
+        from keras_aim.data.sources import labeled_images
+
+        return labeled_images(images, "train").source
+    return ArraySource(images)
+
+
+def shuffled_index(position, count: int, seed: int):
+    """Image index of global stream position `position` (int64): pass
+    `position // count` in its own random order."""
+    epoch, index = position // count, position % count
+    return tf.random.experimental.index_shuffle(
+        index, seed=tf.stack([tf.constant(seed, tf.int64), epoch]), max_index=count - 1
+    )
+
+
+def _shard_positions(start_step: int, batch_size: int, shard: tuple[int, int]) -> tf.data.Dataset:
+    """Global positions of part `index` of `count` of every global batch from
+    step `start_step` on: O(1) to start, at any step."""
+    index, count = shard
+    part = batch_size // count
+
+    def position(local):
+        return (local // part) * batch_size + index * part + local % part
+
+    return tf.data.Dataset.counter(start_step * part).map(position)
+
+
+def _check_shard(batch_size: int, shard: tuple[int, int]) -> int:
+    index, count = shard
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
+    if count < 1 or not 0 <= index < count or batch_size % count:
         raise ValueError(
-            f"Expected images of shape (n, height, width, 3); got {images.shape}."
+            f"shard {shard} does not split batches of {batch_size}: use "
+            "(index, count) with 0 <= index < count and count dividing the batch size."
         )
-    if len(images) == 0:
-        raise ValueError("The image set is empty.")
-    return tf.data.Dataset.from_tensor_slices(images)
+    return batch_size // count
 
 
-def _shuffled_stream(images, seed: int, shuffle_buffer: int) -> tf.data.Dataset:
-    """Endless passes over `images`, each in its own order.
+def _map_elements(slots: tf.data.Dataset, source: ImageSource, fn, image_size: int,
+                  workers: int | None, bad: BadImages, count_read,
+                  drop_bad: bool = False) -> tf.data.Dataset:
+    """`(position, index)` slots -> `(fn(position, image), label)`.
 
-    For an array, image j of pass e is image `index_shuffle(j, (seed, e))`:
-    a full random permutation per pass, a pure function of the element's
-    position, so the stream is the same however it is iterated (and under
-    `tf.distribute`, which iterates a dataset once more than `fit` does on
-    one device; `reshuffle_each_iteration` would tie the order to that).
-    A dataset source goes through a shuffle buffer, reshuffled each pass.
-    """
-    source = _image_source(images)
-    if isinstance(images, tf.data.Dataset):
-        return source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-    pixels = tf.constant(np.asarray(images))
-    count = len(pixels)
+    A source of encoded files gets a fallback per slot: the scheduled image,
+    else the next ones of the listing (see the module docstring); with
+    `drop_bad` (evaluation: every image once) an unreadable image is left
+    out instead, named and counted. Arrays cannot fail and take a plain
+    parallel map."""
+    parallel = workers or tf.data.AUTOTUNE
+    if not source.encoded:
+        def plain(position, index):
+            image, label = source.fetch(index)
+            return fn(position, image), label
 
-    def image(position):
-        epoch, index = position // count, position % count
-        order = tf.random.experimental.index_shuffle(
-            index, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
-            max_index=count - 1,
+        return slots.map(plain, num_parallel_calls=parallel, deterministic=True)
+    n = len(source)
+    substitutes = 1 if drop_bad else SUBSTITUTES
+    empty = tf.zeros((image_size, image_size, 3), tf.float32)
+
+    def slot(position, index):
+        candidates = (index + tf.range(substitutes, dtype=tf.int64)) % n
+
+        def attempt(k, candidate):
+            image, label = source.fetch(candidate)
+            return fn(position, image), label, k
+
+        tries = tf.data.Dataset.from_tensor_slices(
+            (tf.range(substitutes, dtype=tf.int64), candidates)
+        ).map(attempt).ignore_errors()
+        failed = tf.data.Dataset.from_tensors(
+            (empty, tf.constant(-1), tf.constant(substitutes, tf.int64)))
+        return tries.concatenate(failed).take(1).map(
+            lambda image, label, k: (image, label, k, position, index)
         )
-        return tf.gather(pixels, order)
 
-    return tf.data.Dataset.counter().map(image, num_parallel_calls=tf.data.AUTOTUNE,
-                                         deterministic=True)
+    def report(position, index, failures):
+        index, failures = int(index), int(failures)
+        bad.record([source.name((index + k) % n) for k in range(failures)],
+                   count_read(int(position)), not drop_bad and failures == SUBSTITUTES)
+        return np.int64(failures)
+
+    def checked(image, label, failures, position, index):
+        noted = tf.cond(
+            failures > 0,
+            lambda: tf.numpy_function(report, [position, index, failures], tf.int64),
+            lambda: failures,
+        )
+        with tf.control_dependencies([noted]):
+            return tf.identity(image), tf.identity(label)
+
+    elements = slots.interleave(
+        slot, cycle_length=workers, block_length=1, num_parallel_calls=parallel,
+        deterministic=True,
+    ).map(checked)
+    if drop_bad:
+        elements = elements.filter(lambda image, label: label >= 0)
+    return elements
+
+
+def _with_options(ds: tf.data.Dataset, workers: int | None) -> tf.data.Dataset:
+    if workers:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = workers
+        ds = ds.with_options(options)
+    return ds
 
 
 def pretraining_dataset(
@@ -168,47 +223,142 @@ def pretraining_dataset(
     max_shift: int = 2,
     shuffle_buffer: int = 10_000,
     shard: tuple[int, int] = (0, 1),
+    workers: int | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    bad_images: BadImages | None = None,
 ) -> tf.data.Dataset:
     """An endless, shuffled, augmented stream of normalized image batches.
 
     Args:
-        images: uint8 `(n, H, W, 3)` array, or a `tf.data.Dataset` of uint8
-            `(H, W, 3)` images (any sizes with the "aim" augmentation).
+        images: uint8 `(n, H, W, 3)` array; an `ImageSource`; a data spec
+            (`folder:PATH`, `records:PATH`, `tfds:NAME[:SPLIT]`, `digits`);
+            or a `tf.data.Dataset` of uint8 `(H, W, 3)` images. A dataset
+            has no random access: it is shuffled through a buffer of
+            `shuffle_buffer` decoded images and `start_step` reads through
+            every skipped image; give large data as a folder or records.
         batch_size: global batch size.
         image_size: output side.
         augmentation: "aim" (the paper's), "shift" (translation only) or
             "none" (the evaluation transform).
-        seed: seeds the shuffle order and every augmentation.
-        start_step: batches to skip, so that a run resumed at step k sees
-            the same batches as an uninterrupted run.
+        seed: seeds the order and every augmentation.
+        start_step: the first batch, so that a run resumed at step k sees the
+            same batches as an uninterrupted run (O(1) for every source but
+            a dataset).
         shard: `(index, count)`: yield only part `index` of `count` equal,
             consecutive parts of every global batch (the images one process
             of a multi-process run feeds; see
             `keras_aim.training.distribution_jax.data_shard`). Only those
-            are augmented.
+            images are read and decoded.
+        workers: threads for reading and augmenting (default: tf.data's
+            autotuning over all cores).
+        max_bad_fraction: stop (`BadImagesError`) once more than this share
+            of the images read were unreadable (see the module docstring).
+        bad_images: a `BadImages` to count and name skipped images in
+            (default: a new one per stream).
 
     Returns:
         Dataset of float32 `(batch_size // count, image_size, image_size, 3)`.
     """
+    part = _check_shard(batch_size, shard)
+    fn = transform(augmentation, image_size, seed, max_shift)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0; received {start_step}.")
+    if isinstance(images, tf.data.Dataset):
+        ds = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.enumerate().skip(start_step * batch_size)
+        index, count = shard
+        if count > 1:
+            ds = ds.filter(lambda i, image: (i % batch_size) // part == index)
+        ds = ds.map(fn, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
+        return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE),
+                             workers)
+    source = as_source(images)
+    count = len(source)
+    positions = _shard_positions(start_step, batch_size, shard)
+    slots = positions.map(lambda p: (p, shuffled_index(p, count, seed)))
+    bad = bad_images or BadImages(max_bad_fraction)
+    # Images this process has read by global position p: its share of p.
+    read = (lambda p: max(p // shard[1], 1))
+    ds = _map_elements(slots, source, fn, image_size, workers, bad, read)
+    ds = ds.map(lambda image, label: image)
+    return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
+
+
+def classification_stream(
+    images,
+    batch_size: int,
+    image_size: int,
+    augmentation: str = "aim",
+    seed: int = 0,
+    start_step: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    converter=None,
+    max_shift: int = 2,
+    workers: int | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    bad_images: BadImages | None = None,
+) -> tf.data.Dataset:
+    """An endless, shuffled, augmented stream of `(images, int32 labels)`
+    batches from a labeled source (an `ImageSource` or a data spec), with
+    the order, resume and sharding of `pretraining_dataset`: training
+    batches for a streamed probe or fine-tuning (one pass over the data is
+    `len(source) // batch_size` steps).
+
+    Returns:
+        Dataset of `(float32 (b, S, S, 3), int32 (b,))`, `b = batch_size // count`.
+    """
+    part = _check_shard(batch_size, shard)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0; received {start_step}.")
+    source = as_source(images)
+    _require_labels(source)
+    count = len(source)
+    fn = transform(augmentation, image_size, seed, max_shift, converter)
+    slots = _shard_positions(start_step, batch_size, shard).map(
+        lambda p: (p, shuffled_index(p, count, seed)))
+    bad = bad_images or BadImages(max_bad_fraction)
+    ds = _map_elements(slots, source, fn, image_size, workers, bad,
+                       lambda p: max(p // shard[1], 1))
+    return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
+
+
+def evaluation_batches(
+    images,
+    batch_size: int,
+    image_size: int,
+    converter=None,
+    shard: tuple[int, int] = (0, 1),
+    workers: int | None = None,
+    bad_images: BadImages | None = None,
+) -> tf.data.Dataset:
+    """`(images, labels)` batches of every image of a labeled source once, in
+    order, with the evaluation transform; with `shard=(i, k)` only images
+    `i, i + k, i + 2k, ...` (each process evaluates its share; the shares'
+    counts add up to the whole). An unreadable image gets the next one's
+    pixels and label, counted in `bad_images` (no limit: evaluation never
+    stops on bad files, it reports them).
+
+    Returns:
+        Dataset of `(float32 (b, S, S, 3), int32 (b,))`; the last batch may
+        be smaller.
+    """
     index, count = shard
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; received {batch_size}.")
-    if count < 1 or not 0 <= index < count or batch_size % count:
-        raise ValueError(
-            f"shard {shard} does not split batches of {batch_size}: use "
-            "(index, count) with 0 <= index < count and count dividing the batch size."
-        )
-    part = batch_size // count
-    ds = _shuffled_stream(images, seed, shuffle_buffer)
-    ds = ds.enumerate().skip(start_step * batch_size)
-    if count > 1:  # before augmenting: each process augments its part only
-        ds = ds.filter(lambda i, image: (i % batch_size) // part == index)
-    ds = ds.map(
-        _augment_fn(augmentation, image_size, seed, max_shift),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {shard} is not (index, count) with 0 <= index < count.")
+    source = as_source(images)
+    _require_labels(source)
+    fn = transform("none", image_size, 0, converter=converter)
+    slots = tf.data.Dataset.range(index, len(source), count).map(lambda i: (i, i))
+    bad = bad_images or BadImages(1.0)
+    ds = _map_elements(slots, source, fn, image_size, workers, bad, lambda p: max(p // count, 1),
+                       drop_bad=True)
+    return _with_options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), workers)
+
+
+def _require_labels(source: ImageSource) -> None:
+    if isinstance(source, ArraySource) and source.labels is None:
+        raise ValueError("A classification pipeline needs labels: pass an ArraySource "
+                         "with labels, a folder or record files.")
 
 
 def classification_dataset(
@@ -224,12 +374,16 @@ def classification_dataset(
     shuffle_buffer: int = 10_000,
     converter=None,
     drop_remainder: bool = False,
+    workers: int | None = None,
 ) -> tf.data.Dataset:
-    """(normalized images, labels) batches for probes and fine-tuning.
+    """(normalized images, labels) batches for probes and fine-tuning, one
+    pass over the data per iteration (one `fit` epoch).
 
-    `images`: uint8 `(n, H, W, 3)` with `labels` `(n,)`, or (with
-    `labels=None`) a dataset of `(uint8 image, label)` pairs of any sizes.
-    Training: shuffled and augmented, one pass per epoch. Evaluation: the
+    `images`: uint8 `(n, H, W, 3)` with `labels` `(n,)`; or, with
+    `labels=None`, an `ImageSource` (a folder, record files, a tfds split:
+    the shuffle is over indices) or a dataset of `(uint8 image, label)`
+    pairs of any sizes (shuffled through a `shuffle_buffer` of images).
+    Training: shuffled and augmented, a new order each pass. Evaluation: the
     evaluation transform, in order. For arrays, raises before any training
     if the data is empty or a label is outside `[0, num_classes)`.
     `converter`: the evaluation transform, whose mean/std the augmentations
@@ -239,10 +393,22 @@ def classification_dataset(
     `fit` needs batches of one known size, which Keras then splits over the
     processes).
     """
+    fn = transform(augmentation if training else "none", image_size, seed, max_shift, converter)
+    if labels is None and isinstance(images, tf.data.Dataset):
+        source = images
+        if training:
+            source = source.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        ds = source.enumerate().map(
+            lambda i, pair: (fn(i, pair[0]), pair[1]),
+            num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True,
+        )
+        return _with_options(
+            ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE),
+            workers)
     if labels is None:
-        if not isinstance(images, tf.data.Dataset):
-            raise ValueError("labels=None needs a dataset of (image, label) pairs.")
-        source, buffer = images, shuffle_buffer
+        if not isinstance(images, ImageSource):
+            raise ValueError("labels=None needs an ImageSource or a dataset of (image, label) pairs.")
+        source = images
     else:
         labels = np.asarray(labels)
         if len(labels) == 0:
@@ -252,80 +418,55 @@ def classification_dataset(
                 f"Labels must be in [0, {num_classes}); found {labels.min()}.."
                 f"{labels.max()}. Check the data or the head's num_classes."
             )
-        source = tf.data.Dataset.zip(
-            (_image_source(images), tf.data.Dataset.from_tensor_slices(labels))
-        )
-        buffer = len(labels)
-    augment = _augment_fn(
-        augmentation if training else "none", image_size, seed, max_shift, converter
-    )
-    if training:
-        source = source.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = source.enumerate().map(
-        lambda i, pair: (augment(i, pair[0]), pair[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
-
-
-def list_image_folder(directory: str):
-    """The images of `directory/<class>/<file>` (or directly in `directory`).
-
-    Every file is decoded once, with the decoding the pipeline uses
-    (`keras_aim.data.images.decode_image`): files that fail are left out
-    and reported by name, so a bad file never stops a run midway.
-
-    Returns:
-        `(paths, int labels, class_names, skipped)`, `skipped` holding one
-        message per left-out file, naming it.
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Image folder {directory!r} does not exist.")
-    classes = sorted(
-        d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d))
-    )
-    entries = [(directory, 0)] if not classes else [
-        (os.path.join(directory, c), i) for i, c in enumerate(classes)
-    ]
-    paths, labels, skipped = [], [], []
-    for folder, label in entries:
-        files = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if is_image_file(n)]
-        readable, _, errors = read_images(files, keep_pixels=False)
-        paths += readable
-        labels += [label] * len(readable)
-        skipped += errors
-    if not paths:
-        raise ValueError(
-            f"No readable images in {directory!r} ({len(skipped)} unreadable"
-            + (":\n" + summarize_errors(skipped) if skipped else "") + ")."
-        )
-    return paths, labels, classes or [os.path.basename(directory)], skipped
+        source = ArraySource(images, labels)
+    count = len(source)
+    indices = tf.data.Dataset.range(count)
+    if training:  # a shuffle of indices: memory does not grow with the images
+        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    bad = BadImages(DEFAULT_MAX_BAD_FRACTION if training else 1.0)
+    ds = _map_elements(indices.enumerate(), source, fn, image_size, workers, bad,
+                       lambda p: max(p, 1), drop_bad=not training)
+    return _with_options(
+        ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE), workers)
 
 
 def image_files_dataset(paths, labels) -> tf.data.Dataset:
-    """`(uint8 image (H, W, 3), int32 label)` pairs read from `paths`."""
+    """`(uint8 image (H, W, 3), int32 label)` pairs read from `paths` in
+    order; a file that cannot be read or decoded is left out with a logged
+    warning."""
 
     def load(path, label):
         return decode_image(tf.io.read_file(path)), label
 
     ds = tf.data.Dataset.from_tensor_slices((list(paths), np.asarray(labels, "int32")))
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # A file changed or removed after the check is dropped with a logged
-    # warning rather than ending the run.
     return ds.ignore_errors(log_warning=True)
 
 
 def image_folder(directory: str):
     """`(dataset of (uint8 image (H, W, 3), int32 label), class_names,
-    skipped)` of an image folder (see `list_image_folder`)."""
-    paths, labels, classes, skipped = list_image_folder(directory)
-    return image_files_dataset(paths, labels), classes, skipped
+    problems)` of an image folder, in listing order (see
+    `keras_aim.data.listing.list_folder`; nothing is decoded to list it)."""
+    from keras_aim.data.listing import list_folder
+
+    listing = list_folder(directory)
+    return (image_files_dataset(listing.paths, listing.labels), listing.class_names,
+            listing.problems)
+
+
+def folder_source(directory: str) -> FileSource:
+    """A random-access `FileSource` over an image folder's listing."""
+    from keras_aim.data.listing import list_folder
+
+    listing = list_folder(directory)
+    return FileSource(listing.paths, listing.labels, listing.class_names,
+                      f"folder:{listing.fingerprint}",
+                      f"folder {directory} ({len(listing.paths)} images)")
 
 
 def tfds_images(name: str, split: str, data_dir: str | None = None):
-    """A tensorflow-datasets split as a dataset of (uint8 RGB image, label);
-    grayscale images get 3 channels.
+    """A tensorflow-datasets split as a dataset of (uint8 RGB image, label),
+    read in order; grayscale images get 3 channels.
 
     Needs the dataset prepared in `data_dir` (or downloadable by tfds).
     """

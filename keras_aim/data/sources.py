@@ -1,11 +1,13 @@
 """Labeled image sets named by a short spec, as the recipes take them.
 
     digits              the embedded digits (train: 80%, val: the held-out 20%)
-    folder:PATH         PATH/<class>/<image>; classes in sorted order
-    tfds:NAME[:SPLIT]   a prepared tensorflow-datasets split
+    folder:PATH         PATH/<class>/**/<image>; classes in sorted order
+    records:PATH        record files written by `keras-aim prepare-data`
+    tfds:NAME[:SPLIT]   a tensorflow-datasets split prepared as ArrayRecord
 
-Each comes with a *fingerprint*, a string that changes whenever the images
-or labels do, so cached features of a stale data set are never reused.
+Each is a random-access `ImageSource` (nothing is decoded to list it) with a
+*fingerprint*, a string that changes whenever the images or labels do, so
+cached features of a stale data set are never reused.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ import hashlib
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_aim.data.embedded import digits
-from keras_aim.data.images import is_image_file, summarize_errors
-from keras_aim.data.pipelines import image_files_dataset, list_image_folder, tfds_images
+from keras_aim.data.listing import FolderListing, list_folder
+from keras_aim.data.images import summarize_errors
+from keras_aim.data.random_access import (
+    ArraySource,
+    FileSource,
+    ImageSource,
+    record_files_source,
+    tfds_source,
+)
 
 SPLITS = ("train", "val")
 # tfds split names tried for "val", in order, when a spec names none.
@@ -31,17 +39,13 @@ class LabeledImages:
     """A labeled image set.
 
     Attributes:
-        images: uint8 images `(n, H, W, 3)` (an array), or a dataset of
-            `(uint8 image (H, W, 3), int label)` pairs of any sizes.
-        labels: int labels `(n,)` for an array; `None` for a dataset (they
-            arrive with the images).
+        source: random access to the images and labels.
         class_names: one name per class; labels lie in `[0, len)`.
         fingerprint: changes whenever the images or labels change.
         description: for messages, e.g. "folder /data/val (50000 images)".
     """
 
-    images: np.ndarray | tf.data.Dataset
-    labels: np.ndarray | None
+    source: ImageSource
     class_names: list[str]
     fingerprint: str
     description: str
@@ -50,11 +54,19 @@ class LabeledImages:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def pairs(self) -> tf.data.Dataset:
-        """The set as a dataset of `(image, label)` pairs."""
-        if self.labels is None:
-            return self.images
-        return tf.data.Dataset.from_tensor_slices((self.images, self.labels))
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def images(self):
+        """uint8 images `(n, H, W, 3)` of an array set; else the source."""
+        return self.source.images if isinstance(self.source, ArraySource) else self.source
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """int labels `(n,)` of an array set; else `None` (they come with
+        the images)."""
+        return self.source.labels if isinstance(self.source, ArraySource) else None
 
 
 def labeled_images(spec: str, split: str = "train", seed: int = 0,
@@ -76,17 +88,19 @@ def labeled_images(spec: str, split: str = "train", seed: int = 0,
         train, val = digits(image_size, seed=seed)
         images, labels = train if split == "train" else val
         digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-        return LabeledImages(
-            images, labels, [str(i) for i in range(10)], f"digits:{digest}",
-            f"digits {split} ({len(labels)} images)",
-        )
+        names = [str(i) for i in range(10)]
+        description = f"digits {split} ({len(labels)} images)"
+        return LabeledImages(ArraySource(images, labels, names, f"digits:{digest}", description),
+                             names, f"digits:{digest}", description)
     if kind == "folder" and rest:
         return _folder_split(rest, split, seed, holdout)
+    if kind == "records" and rest:
+        return _with_holdout(record_files_source(rest), split, seed, holdout)
     if kind == "tfds" and rest:
         return _tfds_split(rest, split, tfds_data_dir)
     raise ValueError(
-        f"Unknown data {spec!r}: use digits, folder:PATH or tfds:NAME[:SPLIT] "
-        "(e.g. tfds:imagenet2012:validation)."
+        f"Unknown data {spec!r}: use digits, folder:PATH, records:PATH or "
+        "tfds:NAME[:SPLIT] (e.g. tfds:imagenet2012:validation)."
     )
 
 
@@ -97,38 +111,92 @@ def has_own_validation_split(spec: str) -> bool:
     return spec == "digits" or (kind == "tfds" and ":" not in rest)
 
 
-_listings: dict[tuple[str, str], tuple] = {}  # (folder, fingerprint) -> listing
+_listings: dict[str, FolderListing] = {}  # both splits of a folder: listed once
 
 
 def _folder_split(directory: str, split: str, seed: int, holdout: float) -> LabeledImages:
-    fingerprint = folder_fingerprint(directory)
-    key = (os.path.abspath(directory), fingerprint)
-    if key not in _listings:  # both splits of one folder: decoded once
-        _listings[key] = list_image_folder(directory)
-        skipped = _listings[key][3]
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image file(s) in {directory}:\n"
-                  + summarize_errors(skipped))
-    paths, labels, classes, _ = _listings[key]
-    description = f"folder {directory}"
+    key = os.path.abspath(directory)
+    if key not in _listings or split == "train":  # a new run lists the folder anew
+        _listings[key] = list_folder(directory)
+        if _listings[key].problems:
+            print(f"left out {len(_listings[key].problems)} entr(y/ies) of {directory}:\n"
+                  + summarize_errors(_listings[key].problems))
+    listing = _listings[key]
+    source = FileSource(listing.paths, listing.labels, listing.class_names,
+                        f"folder:{listing.fingerprint}",
+                        f"folder {directory} ({len(listing.paths)} images)")
+    return _with_holdout(source, split, seed, holdout)
+
+
+def _with_holdout(source, split: str, seed: int, holdout: float) -> LabeledImages:
+    """The set of `source`, or with `holdout` its seeded train or val part
+    (a `holdout` share of each class; labels are read from the listing,
+    or for record files from a pass over the records' labels)."""
+    description = source.description
+    fingerprint = source.fingerprint
     if holdout:
+        labels = _labels_of(source)
         train, val = holdout_indices(labels, holdout, seed)
         chosen = train if split == "train" else val
+        base = description.rsplit(" (", 1)[0]
         if len(chosen) == 0:
             raise ValueError(
-                f"{description} has too few images to hold out {holdout:.0%} "
+                f"{base} has too few images to hold out {holdout:.0%} "
                 "of each class for validation (a class needs 2 images); add "
                 "images or pass --val with a validation folder."
             )
-        paths = [paths[i] for i in chosen]
-        labels = [labels[i] for i in chosen]
+        source = subset(source, chosen)
         fingerprint += f":{split}:holdout={holdout}:seed={seed}"
         share = holdout if split == "val" else 1 - holdout
-        description += f", {split} part (~{share:.0%} of each class)"
-    return LabeledImages(
-        image_files_dataset(paths, labels), None, classes, f"folder:{fingerprint}",
-        f"{description} ({len(paths)} images)",
-    )
+        description = f"{base}, {split} part (~{share:.0%} of each class) ({len(chosen)} images)"
+        source.fingerprint, source.description = fingerprint, description
+    return LabeledImages(source, list(source.class_names), fingerprint, description)
+
+
+def _labels_of(source) -> np.ndarray:
+    if isinstance(source, (FileSource, ArraySource)):
+        return np.asarray(source.labels)
+    import tensorflow as tf
+
+    labels = tf.data.Dataset.range(len(source)).map(
+        lambda i: source.fetch(i)[1], num_parallel_calls=tf.data.AUTOTUNE)
+    return np.concatenate([b.numpy() for b in labels.batch(4096)])
+
+
+def subset(source, indices) -> ImageSource:
+    """The items `indices` of a source, as a source of their own."""
+    indices = np.asarray(indices, "int64")
+    if isinstance(source, FileSource):
+        return FileSource([source.paths[i] for i in indices], source.labels[indices],
+                          source.class_names, source.fingerprint, source.description)
+    if isinstance(source, ArraySource):
+        return ArraySource(source.images[indices], source.labels[indices], source.class_names,
+                           source.fingerprint, source.description)
+    return _Subset(source, indices)
+
+
+class _Subset(ImageSource):
+    """Items `indices` of another source (record files with a hold-out)."""
+
+    def __init__(self, parent, indices):
+        self.parent, self.indices = parent, indices
+        self.encoded, self.class_names = parent.encoded, parent.class_names
+        self.fingerprint, self.description = parent.fingerprint, parent.description
+        self._table = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def fetch(self, index):
+        import tensorflow as tf
+
+        if self._table is None:
+            with tf.init_scope():
+                self._table = tf.constant(self.indices)
+        return self.parent.fetch(tf.gather(self._table, index))
+
+    def name(self, index: int) -> str:
+        return self.parent.name(int(self.indices[index]))
 
 
 def holdout_indices(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +226,8 @@ def _tfds_split(rest: str, split: str, data_dir: str | None) -> LabeledImages:
     if not available:
         raise ValueError(
             f"tfds:{name} is not prepared in {builder.data_dir_root}: prepare it "
-            f"first (`tfds build {name}`; manual-download sets such as "
+            f"first as ArrayRecord (`tfds build {name} --file_format=array_record`; "
+            "manual-download sets such as "
             "imagenet2012 need their archives), or pass its data directory."
         )
     if named_split:
@@ -180,24 +249,13 @@ def _tfds_split(rest: str, split: str, data_dir: str | None) -> LabeledImages:
         ) from error
     if count == 0:
         raise ValueError(f"tfds:{name}:{chosen} is empty: no images to use.")
-    ds, classes = tfds_images(name, chosen, data_dir)
-    fingerprint = f"tfds:{name}:{chosen}:{builder.info.version}:{count}"
-    return LabeledImages(ds, None, list(classes), fingerprint,
-                         f"tfds {name}:{chosen} ({count} images)")
+    source = tfds_source(name, chosen, data_dir)
+    return LabeledImages(source, list(source.class_names), source.fingerprint,
+                         source.description)
 
 
 def folder_fingerprint(directory: str) -> str:
     """SHA-256 over every image file's relative path, size and modification
-    time under `directory` (contents are not read: an edited file gets a
-    new modification time)."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            if not is_image_file(name):
-                continue
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            relative = os.path.relpath(path, directory)
-            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    time under `directory` (no file is read: an edited file gets a new
+    modification time)."""
+    return list_folder(directory).fingerprint

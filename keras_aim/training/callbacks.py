@@ -43,3 +43,17 @@ class ProgressBar(keras.callbacks.Callback):
 
     def close(self) -> None:
         self.bar.close()
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends `fit` right after the optimizer's `total`-th weight update, also
+    in the middle of an epoch (the last checkpoint interval of a run may be
+    shorter than the others); the epoch's end callbacks still run."""
+
+    def __init__(self, total: int):
+        super().__init__()
+        self.total = total
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.total:
+            self.model.stop_training = True

@@ -4,7 +4,8 @@ backups for probes and fine-tuning (`fit_callbacks`).
 
 A step checkpoint holds every model variable (weights, random-generator
 states) and every optimizer variable (step count, moments, accumulators),
-keyed by variable path; the data order follows from the step. It is written
+keyed by variable path, and the input pipeline's position (the next
+batch: the data order is a pure function of it). It is written
 with Orbax (`orbax.checkpoint.v1.training.Checkpointer`, the API behind
 `keras.callbacks.OrbaxCheckpoint`) on every backend:
 
@@ -248,10 +249,13 @@ class TrainingCheckpoints:
         latest = self._checkpointer.latest
         return None if latest is None else latest.step
 
-    def save(self, model, step: int, wait: bool = False) -> str:
+    def save(self, model, step: int, wait: bool = False, data_state: dict | None = None) -> str:
         """Starts writing the state of `model` as checkpoint `step` and
         returns its path; the writing finishes in the background (or before
-        returning, with `wait`). A save waits for the previous one."""
+        returning, with `wait`). A save waits for the previous one.
+        `data_state`: the input pipeline's position (JSON values, e.g.
+        `{"next_batch": 1200}`), stored with the state and given back by
+        `data_state(step)`."""
         variables = training_variables(model)
         path = f"{self.directory}/{step}"
         # Every process reads the values (under a TensorFlow multi-worker
@@ -259,7 +263,8 @@ class TrainingCheckpoints:
         state = {g: {k: _value(v) for k, v in m.items()} for g, m in variables.items()}
         if not self._writer:
             return path
-        metadata = {"config": self.config, "variables": _signature(variables)}
+        metadata = {"config": self.config, "variables": _signature(variables),
+                    "data": json.loads(json.dumps(data_state or {}))}
         response = self._checkpointer.save_async(
             step, state, force=True, custom_metadata=metadata
         )
@@ -302,6 +307,13 @@ class TrainingCheckpoints:
             for key, variable in members.items():
                 variable.assign(restored[group][key])
         return step
+
+    def data_state(self, step: int) -> dict:
+        """The input pipeline's position saved with checkpoint `step` (`{}`
+        for a checkpoint written without one)."""
+        self._checkpointer.wait()
+        custom = self._checkpointer.metadata(step).custom_metadata or {}
+        return dict(custom.get("data") or {})
 
     def wait(self) -> None:
         """Blocks until the background saves are written."""
@@ -362,15 +374,23 @@ def read_checkpoint(directory: str, step: int | None = None) -> tuple[int, dict]
 
 class StepCheckpoint(keras.callbacks.Callback):
     """Saves a checkpoint at the end of every `fit` epoch (use
-    `steps_per_epoch` = the checkpoint interval) through `checkpoints`."""
+    `steps_per_epoch` = the checkpoint interval) through `checkpoints`,
+    with the data position `data_state(step)` (JSON values) when given."""
 
-    def __init__(self, checkpoints: TrainingCheckpoints):
+    def __init__(self, checkpoints: TrainingCheckpoints,
+                 data_state: Callable[[int], dict] | None = None,
+                 on_save: Callable[[int, str], None] | None = None):
         super().__init__()
         self.checkpoints = checkpoints
+        self.data_state = data_state
+        self.on_save = on_save
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        self.checkpoints.save(self.model, step)
+        state = self.data_state(step) if self.data_state else None
+        path = self.checkpoints.save(self.model, step, data_state=state)
+        if self.on_save:
+            self.on_save(step, path)
 
 
 def fit_callbacks(workdir: str | None, resume: bool = False, process_index: int = 0) -> list:
