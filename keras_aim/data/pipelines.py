@@ -166,20 +166,20 @@ def _map_elements(slots: tf.data.Dataset, source: ImageSource, fn, image_size: i
     empty = tf.zeros((image_size, image_size, 3), tf.float32)
 
     def slot(position, index):
-        candidates = (index + tf.range(substitutes, dtype=tf.int64)) % n
+        # The tries in one small dataset: the scheduled image, its
+        # substitutes, and last a marker (k = substitutes) that stands for
+        # "all failed"; the first that decodes is taken.
+        tries = tf.range(substitutes + 1, dtype=tf.int64)
 
-        def attempt(k, candidate):
-            image, label = source.fetch(candidate)
-            return fn(position, image), label, k
+        def attempt(k):
+            def image():
+                item, label = source.fetch((index + k) % n)
+                return fn(position, item), label
 
-        tries = tf.data.Dataset.from_tensor_slices(
-            (tf.range(substitutes, dtype=tf.int64), candidates)
-        ).map(attempt).ignore_errors()
-        failed = tf.data.Dataset.from_tensors(
-            (empty, tf.constant(-1), tf.constant(substitutes, tf.int64)))
-        return tries.concatenate(failed).take(1).map(
-            lambda image, label, k: (image, label, k, position, index)
-        )
+            image, label = tf.cond(k < substitutes, image, lambda: (empty, tf.constant(-1)))
+            return image, label, k, position, index
+
+        return tf.data.Dataset.from_tensor_slices(tries).map(attempt).ignore_errors().take(1)
 
     def report(position, index, failures):
         index, failures = int(index), int(failures)
@@ -196,13 +196,21 @@ def _map_elements(slots: tf.data.Dataset, source: ImageSource, fn, image_size: i
         with tf.control_dependencies([noted]):
             return tf.identity(image), tf.identity(label)
 
+    # Several slots in flight per core: one slow image does not hold the
+    # others back (the output order stays the slots' order).
     elements = slots.interleave(
-        slot, cycle_length=workers, block_length=1, num_parallel_calls=parallel,
-        deterministic=True,
+        slot, cycle_length=workers or 2 * _cores(), block_length=1,
+        num_parallel_calls=parallel, deterministic=True,
     ).map(checked)
     if drop_bad:
         elements = elements.filter(lambda image, label: label >= 0)
     return elements
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _with_options(ds: tf.data.Dataset, workers: int | None) -> tf.data.Dataset:
