@@ -30,9 +30,6 @@ read so far were bad (past 10), or when `SUBSTITUTES` images in a row are.
 
 from __future__ import annotations
 
-import sys
-import threading
-
 import numpy as np
 import tensorflow as tf
 
@@ -44,58 +41,17 @@ from keras_aim.data.augment import (  # noqa: F401 (re-exported)
     shift_augment,
     transform,
 )
+from keras_aim.data.bad_images import (  # noqa: F401 (re-exported)
+    DEFAULT_MAX_BAD_FRACTION,
+    BadImages,
+    BadImagesError,
+)
 from keras_aim.data.images import decode_image
-from keras_aim.data.random_access import ArraySource, FileSource, ImageSource
+from keras_aim.data.random_access import ArraySource, ImageSource
 
 # Images tried for one slot: the scheduled one, then the next ones in the
 # listing; when all fail the stream stops.
 SUBSTITUTES = 4
-DEFAULT_MAX_BAD_FRACTION = 0.01
-
-
-class BadImagesError(RuntimeError):
-    """Too many unreadable images; the message names them and the fix."""
-
-
-class BadImages:
-    """Counts and names the unreadable images a stream skipped (thread-safe;
-    pass one to a pipeline to read the count)."""
-
-    def __init__(self, max_fraction: float = DEFAULT_MAX_BAD_FRACTION, most_named: int = 20,
-                 stream=sys.stderr):
-        if not 0.0 <= max_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1]; received {max_fraction}.")
-        self.max_fraction = max_fraction
-        self.most_named = most_named
-        self.names: list[str] = []
-        self.count = 0
-        self._lock = threading.Lock()
-        self._stream = stream
-
-    def record(self, names: list[str], read: int, all_failed: bool) -> None:
-        """Notes the unreadable images `names` met after about `read` images;
-        raises `BadImagesError` past the limits."""
-        with self._lock:
-            self.count += len(names)
-            for name in names:
-                if len(self.names) < self.most_named:
-                    self.names.append(name)
-                    self._stream.write(f"warning: skipping unreadable image {name}\n")
-                elif self.count % 1000 == 0:
-                    self._stream.write(f"warning: {self.count} unreadable images skipped so far\n")
-            self._stream.flush()
-            count = self.count
-        if all_failed:
-            raise BadImagesError(
-                f"{len(names)} images in a row are unreadable ({', '.join(names)}); "
-                "check the data (a truncated copy, a wrong folder?)."
-            )
-        if count > 10 and count > self.max_fraction * max(read, 1):
-            raise BadImagesError(
-                f"{count} of about {read} images read are unreadable (more than "
-                f"{self.max_fraction:.2%}), e.g. {', '.join(self.names[:5])}. Repair or "
-                "remove them, or raise the limit (max_bad_fraction / --max-bad-images)."
-            )
 
 
 def as_source(images) -> ImageSource:
@@ -120,16 +76,39 @@ def shuffled_index(position, count: int, seed: int):
     )
 
 
-def _shard_positions(start_step: int, batch_size: int, shard: tuple[int, int]) -> tf.data.Dataset:
+def _shard_positions(start_step: int, batch_size: int, shard: tuple[int, int],
+                     count: int | None = None, seed: int = 0) -> tf.data.Dataset:
     """Global positions of part `index` of `count` of every global batch from
-    step `start_step` on: O(1) to start, at any step."""
-    index, count = shard
-    part = batch_size // count
+    step `start_step` on: O(1) to start, at any step. With `count` (the
+    source's size), `(position, shuffled image index)` pairs."""
+    index, parts = shard
+    part = batch_size // parts
 
     def position(local):
-        return (local // part) * batch_size + index * part + local % part
+        p = (local // part) * batch_size + index * part + local % part
+        return p if count is None else (p, shuffled_index(p, count, seed))
 
     return tf.data.Dataset.counter(start_step * part).map(position)
+
+
+def _stream(images, batch_size: int, image_size: int, fn, seed: int, start_step: int,
+            shard: tuple[int, int], workers: int | None, bad: BadImages,
+            labeled: bool) -> tf.data.Dataset:
+    """Batches of `(image, label)` (or images) of the endless stream over a
+    random-access source (the module docstring's order)."""
+    part = _check_shard(batch_size, shard)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0; received {start_step}.")
+    source = as_source(images)
+    if labeled:
+        _require_labels(source)
+    slots = _shard_positions(start_step, batch_size, shard, len(source), seed)
+    # Images this process has read by global position p: its share of p.
+    ds = _map_elements(slots, source, fn, image_size, workers, bad,
+                       lambda p: max(p // shard[1], 1))
+    if not labeled:
+        ds = ds.map(lambda image, label: image)
+    return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
 
 
 def _check_shard(batch_size: int, shard: tuple[int, int]) -> int:
@@ -267,28 +246,22 @@ def pretraining_dataset(
     Returns:
         Dataset of float32 `(batch_size // count, image_size, image_size, 3)`.
     """
-    part = _check_shard(batch_size, shard)
     fn = transform(augmentation, image_size, seed, max_shift)
+    bad = bad_images or BadImages(max_bad_fraction)
+    if not isinstance(images, tf.data.Dataset):
+        return _stream(images, batch_size, image_size, fn, seed, start_step, shard, workers,
+                       bad, labeled=False)
+    # A dataset has no random access: a shuffle buffer of decoded images,
+    # and a resume reads through every skipped image.
+    part = _check_shard(batch_size, shard)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0; received {start_step}.")
-    if isinstance(images, tf.data.Dataset):
-        ds = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.enumerate().skip(start_step * batch_size)
-        index, count = shard
-        if count > 1:
-            ds = ds.filter(lambda i, image: (i % batch_size) // part == index)
-        ds = ds.map(fn, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
-        return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE),
-                             workers)
-    source = as_source(images)
-    count = len(source)
-    positions = _shard_positions(start_step, batch_size, shard)
-    slots = positions.map(lambda p: (p, shuffled_index(p, count, seed)))
-    bad = bad_images or BadImages(max_bad_fraction)
-    # Images this process has read by global position p: its share of p.
-    read = (lambda p: max(p // shard[1], 1))
-    ds = _map_elements(slots, source, fn, image_size, workers, bad, read)
-    ds = ds.map(lambda image, label: image)
+    ds = images.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate().skip(start_step * batch_size)
+    index, count = shard
+    if count > 1:
+        ds = ds.filter(lambda i, image: (i % batch_size) // part == index)
+    ds = ds.map(fn, num_parallel_calls=workers or tf.data.AUTOTUNE, deterministic=True)
     return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
 
 
@@ -315,19 +288,10 @@ def classification_stream(
     Returns:
         Dataset of `(float32 (b, S, S, 3), int32 (b,))`, `b = batch_size // count`.
     """
-    part = _check_shard(batch_size, shard)
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0; received {start_step}.")
-    source = as_source(images)
-    _require_labels(source)
-    count = len(source)
     fn = transform(augmentation, image_size, seed, max_shift, converter)
-    slots = _shard_positions(start_step, batch_size, shard).map(
-        lambda p: (p, shuffled_index(p, count, seed)))
     bad = bad_images or BadImages(max_bad_fraction)
-    ds = _map_elements(slots, source, fn, image_size, workers, bad,
-                       lambda p: max(p // shard[1], 1))
-    return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
+    return _stream(images, batch_size, image_size, fn, seed, start_step, shard, workers, bad,
+                   labeled=True)
 
 
 def evaluation_batches(
@@ -460,16 +424,6 @@ def image_folder(directory: str):
     listing = list_folder(directory)
     return (image_files_dataset(listing.paths, listing.labels), listing.class_names,
             listing.problems)
-
-
-def folder_source(directory: str) -> FileSource:
-    """A random-access `FileSource` over an image folder's listing."""
-    from keras_aim.data.listing import list_folder
-
-    listing = list_folder(directory)
-    return FileSource(listing.paths, listing.labels, listing.class_names,
-                      f"folder:{listing.fingerprint}",
-                      f"folder {directory} ({len(listing.paths)} images)")
 
 
 def tfds_images(name: str, split: str, data_dir: str | None = None):
