@@ -102,13 +102,55 @@ def _stream(images, batch_size: int, image_size: int, fn, seed: int, start_step:
     source = as_source(images)
     if labeled:
         _require_labels(source)
-    slots = _shard_positions(start_step, batch_size, shard, len(source), seed)
     # Images this process has read by global position p: its share of p.
-    ds = _map_elements(slots, source, fn, image_size, workers, bad,
-                       lambda p: max(p // shard[1], 1))
+    read = (lambda p: max(p // shard[1], 1))
+    if source.encoded:
+        ds = _step_batches(source, start_step, batch_size, shard, fn, image_size, seed,
+                           workers, bad, read)
+    else:
+        slots = _shard_positions(start_step, batch_size, shard, len(source), seed)
+        ds = _map_elements(slots, source, fn, image_size, workers, bad, read)
+        ds = ds.batch(part, drop_remainder=True)
     if not labeled:
-        ds = ds.map(lambda image, label: image)
-    return _with_options(ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE), workers)
+        ds = ds.map(lambda images, labels: images)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE), workers)
+
+
+def _step_batches(source: ImageSource, start_step: int, batch_size: int,
+                  shard: tuple[int, int], fn, image_size: int, seed: int,
+                  workers: int | None, bad: BadImages, read) -> tf.data.Dataset:
+    """This process's batch of every step from `start_step` on, from files.
+
+    Each step's batch is first made the quick way: its images read and
+    augmented by a parallel map. Only when one of them cannot be decoded
+    (that batch fails as a whole) is the step made again image by image,
+    each slot with its substitutes (`_map_elements`), and the bad images
+    reported. The quick way costs about what a plain tf.data map does; the
+    careful one adds a small dataset per image (measured: ~10% of the
+    throughput), paid only for batches that hold a bad image."""
+    index, parts = shard
+    part = batch_size // parts
+    n = len(source)
+    parallel = workers or tf.data.AUTOTUNE
+
+    def quick_image(position):
+        image, label = source.fetch(shuffled_index(position, n, seed))
+        return fn(position, image), label
+
+    def step_batch(step):
+        positions = step * batch_size + index * part + tf.range(part, dtype=tf.int64)
+        quick = tf.data.Dataset.from_tensor_slices(positions).map(
+            quick_image, num_parallel_calls=parallel, deterministic=True
+        ).batch(part, drop_remainder=True).ignore_errors()
+        slots = tf.data.Dataset.from_tensor_slices(positions).map(
+            lambda p: (p, shuffled_index(p, n, seed)))
+        careful = _map_elements(slots, source, fn, image_size, workers, bad, read).batch(
+            part, drop_remainder=True)
+        return quick.concatenate(careful).take(1)
+
+    # Two steps in flight: the next batch is made while this one is used.
+    return tf.data.Dataset.counter(start_step).interleave(
+        step_batch, cycle_length=2, block_length=1, num_parallel_calls=2, deterministic=True)
 
 
 def _check_shard(batch_size: int, shard: tuple[int, int]) -> int:
