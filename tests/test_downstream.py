@@ -159,11 +159,17 @@ def _tiny_tfds_builder():
 
 
 def test_tfds_splits_feed_the_probe_recipe(tmp_path, capsys):
+    """A split stored as ArrayRecord is read by index; one stored as TFRecord
+    (read only from the start) is refused, naming the two fixes."""
     from recipes import attentive_probe
 
-    builder = _tiny_tfds_builder()(data_dir=str(tmp_path / "tfds"))
+    builder = _tiny_tfds_builder()(data_dir=str(tmp_path / "tfds"), file_format="array_record")
     builder.download_and_prepare()
     name = builder.name
+    sequential = _tiny_tfds_builder()(data_dir=str(tmp_path / "tfrecord"))
+    sequential.download_and_prepare()
+    with pytest.raises(ValueError, match="file_format=array_record.*keras-aim prepare-data"):
+        labeled_images(f"tfds:{name}", tfds_data_dir=str(tmp_path / "tfrecord"))
     train = labeled_images(f"tfds:{name}", "train", tfds_data_dir=str(tmp_path / "tfds"))
     val = labeled_images(f"tfds:{name}", "val", tfds_data_dir=str(tmp_path / "tfds"))
     assert train.class_names == ["a", "b", "c"] and "validation (6 images)" in val.description

@@ -393,6 +393,26 @@ class StepCheckpoint(keras.callbacks.Callback):
             self.on_save(step, path)
 
 
+def _backup_folder(workdir: str, process_index: int) -> str:
+    return os.path.join(workdir, "backup" if process_index == 0 else f"backup-process{process_index}")
+
+
+def backup_epoch(workdir: str | None, process_index: int = 0) -> int:
+    """The epoch an interrupted `fit` with `fit_callbacks(workdir, ...)`
+    resumes at (0 without a backup): what `BackupAndRestore` will restore,
+    read before `fit`, so that a stream whose order is a function of the
+    position can start at that epoch's first batch."""
+    if workdir is None:
+        return 0
+    folder = _backup_folder(workdir, process_index)
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                return int(json.load(handle)["epoch"])
+    return 0
+
+
 def fit_callbacks(workdir: str | None, resume: bool = False, process_index: int = 0) -> list:
     """Keras callbacks that make a `fit` of whole epochs observable and
     resumable in `workdir`: TensorBoard logs (`tensorboard/`), a CSV log
@@ -410,7 +430,7 @@ def fit_callbacks(workdir: str | None, resume: bool = False, process_index: int 
         if resume:
             raise ValueError("resume needs the output directory of the run to resume.")
         return []
-    backup = os.path.join(workdir, "backup" if process_index == 0 else f"backup-process{process_index}")
+    backup = _backup_folder(workdir, process_index)
     interrupted = os.path.isdir(backup) and bool(os.listdir(backup))
     if interrupted and not resume:
         raise ValueError(

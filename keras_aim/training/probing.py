@@ -2,7 +2,10 @@
 
 The trunk runs once over the data (no augmentation) and the averaged block
 outputs are kept; the probe (`AIMAttentionProbe`) then trains on them in
-seconds. The trained probe drops into an `AIMImageClassifier`.
+seconds. The trained probe drops into an `AIMImageClassifier`. For data
+too large to keep its features (ImageNet: terabytes),
+`keras_aim.training.streaming_probe` trains the probe batch by batch on the
+frozen trunk instead.
 """
 
 from __future__ import annotations
@@ -107,26 +110,28 @@ def cached_probe_features(
     cache_dir: str,
     data_fingerprint: str,
     log=print,
+    cache_dtype: str = "float32",
+    checksum: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`probe_features(..., return_labels=True)` through an on-disk cache.
 
     The cache entry is keyed by the SHA-256 of the trunk's weights and
-    config, `data_fingerprint` (which must change whenever the images,
-    labels or their preprocessing do), the blocks and the compute dtype, so
-    a stale entry is never reused. Features are streamed to disk batch by
-    batch and come back memory-mapped `(n, N, D)` float32 (a sweep over a
-    large set does not need them in RAM); labels `(n,)`. An entry is
-    written into a staging folder and renamed when complete; an unreadable
-    entry is rebuilt.
+    config (`checksum`, `trunk_checksum(backbone)` when not given),
+    `data_fingerprint` (which must change whenever the images, labels or
+    their preprocessing do), the blocks, the compute dtype and
+    `cache_dtype`, so a stale entry is never reused. Features are streamed
+    to disk batch by batch and come back memory-mapped `(n, N, D)` (a sweep
+    over a large set does not need them in RAM), float32 or, with
+    `cache_dtype="bfloat16"`, bfloat16 (half the disk; `np.asarray(features,
+    "float32")` converts); labels `(n,)`. An entry is written into a
+    staging folder and renamed when complete; an unreadable entry is
+    rebuilt.
     """
-    key = hashlib.sha256(
-        "\0".join([
-            f"v{_CACHE_FORMAT}", trunk_checksum(backbone), data_fingerprint,
-            ",".join(str(i) for i in block_indices),
-            str(keras.config.dtype_policy().name),
-        ]).encode()
-    ).hexdigest()
-    entry = os.path.join(cache_dir, f"features-{key[:32]}")
+    storage = _storage_dtype(cache_dtype)
+    entry, key = feature_cache_entry(
+        cache_dir, checksum or trunk_checksum(backbone), data_fingerprint, block_indices,
+        cache_dtype,
+    )
     if os.path.isdir(entry):
         try:
             features, labels = _read_cache_entry(entry, key)
@@ -137,25 +142,55 @@ def cached_probe_features(
             shutil.rmtree(entry, ignore_errors=True)
     with atomic_directory(entry) as staging:
         count, shape, labels = 0, None, []
-        with open(os.path.join(staging, "features.f32"), "wb") as handle:
+        with open(os.path.join(staging, _FEATURE_FILES[cache_dtype]), "wb") as handle:
             for features, batch_labels in _feature_batches(
                 backbone, batches, block_indices, 256
             ):
                 if batch_labels is None:
                     raise ValueError("The feature cache needs (images, labels) batches.")
-                handle.write(features.tobytes())
+                handle.write(features.astype(storage).tobytes())
                 labels.append(batch_labels)
                 count, shape = count + len(features), features.shape[1:]
         np.save(os.path.join(staging, "labels.npy"), np.concatenate(labels))
         meta = {"key": key, "shape": [count, *shape], "data": data_fingerprint,
-                "blocks": list(block_indices)}
+                "blocks": list(block_indices), "dtype": cache_dtype}
         with open(os.path.join(staging, "meta.json"), "w") as handle:
             json.dump(meta, handle)
-    log(f"feature cache written: {entry} ({count} images)")
+    log(f"feature cache written: {entry} ({count} images, {cache_dtype})")
     return _read_cache_entry(entry, key)
 
 
 _CACHE_FORMAT = 1
+CACHE_DTYPES = ("float32", "bfloat16")
+_FEATURE_FILES = {"float32": "features.f32", "bfloat16": "features.bf16"}
+
+
+def _storage_dtype(cache_dtype: str) -> np.dtype:
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}; received {cache_dtype!r}.")
+    if cache_dtype == "bfloat16":
+        import ml_dtypes  # comes with TensorFlow and JAX
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype("float32")
+
+
+def feature_cache_entry(
+    cache_dir: str, checksum: str, data_fingerprint: str, block_indices: Sequence[int],
+    cache_dtype: str = "float32",
+) -> tuple[str, str]:
+    """`(folder, key)` of the cache entry of a trunk (`trunk_checksum`), a
+    data fingerprint, blocks and storage dtype under the current dtype
+    policy; the folder exists once the entry is complete."""
+    parts = [
+        f"v{_CACHE_FORMAT}", checksum, data_fingerprint,
+        ",".join(str(i) for i in block_indices),
+        str(keras.config.dtype_policy().name),
+    ]
+    if cache_dtype != "float32":  # float32 entries keep their earlier keys
+        parts.append(f"stored:{cache_dtype}")
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return os.path.join(cache_dir, f"features-{key[:32]}"), key
 
 
 def _read_cache_entry(entry: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,13 +199,46 @@ def _read_cache_entry(entry: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     if meta["key"] != key:
         raise ValueError("its key does not match")
     shape = tuple(meta["shape"])
-    path = os.path.join(entry, "features.f32")
-    if os.path.getsize(path) != 4 * int(np.prod(shape)):
-        raise ValueError("features.f32 has the wrong size")
+    cache_dtype = meta.get("dtype", "float32")
+    storage = _storage_dtype(cache_dtype)
+    path = os.path.join(entry, _FEATURE_FILES[cache_dtype])
+    if os.path.getsize(path) != storage.itemsize * int(np.prod(shape)):
+        raise ValueError(f"{os.path.basename(path)} has the wrong size")
     labels = np.load(os.path.join(entry, "labels.npy"))
     if len(labels) != shape[0]:
         raise ValueError("labels.npy has the wrong length")
-    return np.memmap(path, dtype="float32", mode="r", shape=shape), labels
+    return np.memmap(path, dtype=storage, mode="r", shape=shape), labels
+
+
+def feature_bytes(count: int, tokens: int, width: int, dtype: str = "float32") -> int:
+    """Bytes of `count` images' probe features `(tokens, width)` in `dtype`."""
+    return int(count) * int(tokens) * int(width) * _storage_dtype(dtype).itemsize
+
+
+def free_disk_bytes(path: str) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest
+    existing parent folder)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes of RAM available to a new allocation (Linux: MemAvailable,
+    which counts reclaimable page cache; else free pages); `None` when the
+    system does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def train_attentive_probe(
@@ -229,12 +297,19 @@ def probe_logits(model, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray
     batch by batch in inference mode."""
     logits = [
         keras.ops.convert_to_numpy(
-            keras.ops.cast(model(np.asarray(inputs[i : i + batch_size]), training=False),
+            keras.ops.cast(model(_float32(inputs[i : i + batch_size]), training=False),
                            "float32")
         )
         for i in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(logits)
+
+
+def _float32(batch) -> np.ndarray:
+    """A batch as an array that every backend takes (bfloat16 features of
+    the cache as float32)."""
+    batch = np.asarray(batch)
+    return batch.astype("float32") if batch.dtype.name == "bfloat16" else batch
 
 
 def classifier_logits(classifier, batches) -> tuple[np.ndarray, np.ndarray]:
