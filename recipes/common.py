@@ -400,12 +400,19 @@ def splits(args, image_size: int, train: bool = True):
                 f"({train_set.class_names[0]!r}); a classifier needs at least 2. "
                 "Put each class's images in its own subfolder."
             )
-        if train_set.num_classes != val_set.num_classes:
+        if train_set.class_names != val_set.class_names:
             raise ValueError(
-                f"{train_set.description} has {train_set.num_classes} classes but "
-                f"{val_set.description} has {val_set.num_classes}; use matching splits."
+                f"{train_set.description} and {val_set.description} name different "
+                f"classes (labels would not match): {_names(train_set.class_names)} "
+                f"against {_names(val_set.class_names)}. Give both the same class "
+                "folders (the same names, so the same order)."
             )
     return train_set, val_set
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})"
 
 
 def run_in_scope(args, body, recipe: str) -> int:

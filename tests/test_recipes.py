@@ -237,6 +237,12 @@ def test_probe_on_a_folder_without_val_holds_out_a_validation_part(tmp_path, sma
         extra = ["--out", str(tmp_path / "lora")] if main is finetune_lora.main else []
         assert main(args + ["--data", one_class] + extra) == 1
         assert "has a single class ('only'); a classifier needs at least 2" in capsys.readouterr().err
+    # Training classes {a, b}, validation classes {b, c}: the labels would
+    # shift (b is 1 in one and 0 in the other); it used to report a top-1.
+    shifted = image_folders(tmp_path / "shifted", {"b": 2, "c": 2})
+    assert attentive_probe.main(args + ["--data", folder, "--val", shifted]) == 1
+    assert "name different classes (labels would not match): [a, b] (2) against [b, c] (2)" \
+        in capsys.readouterr().err
 
 
 def test_a_run_folder_belongs_to_one_recipe(tmp_path, small_trunk, capsys):
