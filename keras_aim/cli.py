@@ -383,9 +383,11 @@ def _export(args: argparse.Namespace) -> int:
             raise ValueError(lit_format_error(spec.name))
     check_backend(spec)
     if args.model is not None:
-        import keras
+        import keras_aim
+        from keras_aim.loading.keras_files import load_model_file
 
-        model = keras.saving.load_model(args.model, compile=False)
+        keras_aim.register_classes()  # the classes the .keras file names
+        model = load_model_file(args.model)
     elif aimv2_presets.is_preset_name(args.preset):
         from keras_aim.models.aimv2.aimv2_backbone import AIMv2Backbone
         from keras_aim.models.aimv2.aimv2_lit import AIMv2LiT
@@ -546,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--out", required=True,
-        help="saved_model: TF Serving model base path; other formats: the file to write",
+        help="saved_model: TF Serving model base path (a new or empty folder, or the "
+        "folder of this model's earlier exports); other formats: the file to write",
     )
     export.add_argument(
         "--version", type=positive_int, default=None,

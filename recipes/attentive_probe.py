@@ -178,7 +178,7 @@ def run(args) -> int:
     return run_in_scope(args, train_or_evaluate, "attentive_probe")
 
 
-def train_or_evaluate(args, callbacks, training) -> int:
+def train_or_evaluate(args, run, training) -> int:
     from keras_aim.models import families
     from keras_aim.training import probing
 
@@ -204,7 +204,7 @@ def train_or_evaluate(args, callbacks, training) -> int:
         )
     layers = classifier.probe_layers
     if args.stream:
-        return streamed(args, callbacks, training, classifier, train_set, val_set, image_size)
+        return streamed(args, run, training, classifier, train_set, val_set, image_size)
     sets = [val_set] if args.evaluate_only else [train_set, val_set]
     checksum = probing.trunk_checksum(backbone) if args.cache_dir else None
     check_feature_space(backbone, sets, layers, image_size, args.cache_dir,
@@ -225,7 +225,7 @@ def train_or_evaluate(args, callbacks, training) -> int:
             epochs=args.epochs, batch_size=training.micro_batch_size,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
             learning_rate=args.learning_rate, seed=args.seed,
-            verbose=verbose, callbacks=callbacks + progress,
+            verbose=verbose, callbacks=run.callbacks() + progress,
         )
         for bar in progress:
             bar.close()
@@ -262,7 +262,7 @@ def streaming_augmentation(args, image_size: int) -> str:
     return args.augmentation or ("none" if image_size < SMALL_IMAGES_BELOW else "aim")
 
 
-def streamed(args, callbacks, training, classifier, train_set, val_set, image_size: int) -> int:
+def streamed(args, run, training, classifier, train_set, val_set, image_size: int) -> int:
     """--stream: the probe trains on the frozen trunk batch by batch (no
     features kept) and is evaluated batch by batch.
 
@@ -298,7 +298,7 @@ def streamed(args, callbacks, training, classifier, train_set, val_set, image_si
         model = streaming_probe.train_streaming_probe(
             backbone, stream, layers, classifier.num_classes, steps_per_epoch,
             epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed,
-            verbose=verbose, callbacks=callbacks + progress,
+            verbose=verbose, callbacks=run.callbacks() + progress,
             gradient_accumulation_steps=training.gradient_accumulation_steps,
         )
         for bar in progress:

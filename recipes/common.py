@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from keras_aim.utils.arguments import positive_int
+from keras_aim.utils.arguments import learning_rate, positive_float, positive_int
 
 DATA_HELP = "digits | folder:PATH | tfds:NAME[:SPLIT]"
 # Without --val, this share of each class of a folder is held out for
@@ -49,7 +49,7 @@ def add_distribution_arguments(parser: argparse.ArgumentParser) -> None:
         "every global batch",
     )
     group.add_argument(
-        "--coordinator-timeout", type=float, default=300.0, metavar="SECONDS",
+        "--coordinator-timeout", type=positive_float, default=300.0, metavar="SECONDS",
         help="with --multi-host (JAX): how long a process waits for the "
         "coordinator and the other processes before failing (default 300)",
     )
@@ -245,7 +245,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-layers", type=parse_layers, default="last",
                         help="last | best | comma-separated block indices")
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=learning_rate, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32",
                         help="Keras dtype policy, e.g. mixed_bfloat16")
@@ -257,27 +257,57 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add_distribution_arguments(parser)
 
 
-def start_run(args, recipe: str):
-    """Checks the output directory (it must be new, empty or a run of
-    `recipe`) and the distribution options (before any work) and sets the
-    dtype policy and seed; returns the fit callbacks and the
-    `DistributedTraining` (build and fit inside its `scope()`)."""
+def start_run(args, recipe: str) -> DistributedTraining:
+    """Checks that --out holds no finished run and the distribution options
+    (before any work) and sets the dtype policy and seed; returns the
+    `DistributedTraining` (build and fit inside its `scope()`). The output
+    folder is claimed later, by `Run.callbacks()`, once the trunk and the
+    data have loaded: a run refused for its data leaves no folder."""
     import keras
-
-    from keras_aim.training.checkpointing import fit_callbacks
 
     if args.out and not args.resume and os.path.exists(os.path.join(args.out, "probe.weights.h5")):
         raise ValueError(
             f"{args.out} holds the results of a finished run; choose another --out."
         )
     training = setup_distribution(args, args.batch_size, settings=vars(args))
-    if args.out and (training.is_primary or args.resume):
-        # One process writes the run's marker; with --resume every one checks it.
-        claim_run_folder(args.out, recipe, args.resume)
-    callbacks = fit_callbacks(args.out, args.resume, training.process_index)
     keras.config.set_dtype_policy(args.dtype)
     keras.utils.set_random_seed(args.seed)
-    return callbacks, training
+    return training
+
+
+class Run:
+    """A downstream run's output folder and signals, handed to a recipe's
+    body. `callbacks()` claims and locks --out (on first use) and returns
+    the `fit` callbacks: logs, epoch backups, and a stop at the end of the
+    epoch in progress on Ctrl-C / SIGTERM (its backup saved; exit code 130
+    / 143, `--resume` continues)."""
+
+    def __init__(self, args, recipe: str, training: DistributedTraining,
+                 stack: contextlib.ExitStack):
+        self.args, self.recipe, self.training, self._stack = args, recipe, training, stack
+        self._callbacks: list | None = None
+        from keras_aim.training.interrupts import Interrupts
+
+        self.interrupts = stack.enter_context(Interrupts())
+
+    def callbacks(self) -> list:
+        if self._callbacks is None:
+            import keras
+
+            from keras_aim.training.checkpointing import fit_callbacks
+
+            args, training = self.args, self.training
+            if args.out and (training.is_primary or args.resume):
+                # Process 0 locks the folder and writes its marker; with
+                # --resume every process checks it.
+                self._stack.enter_context(run_folder(
+                    args.out, self.recipe, args.resume, lock=training.is_primary))
+            across = training.multi_host and keras.config.backend() == "jax"
+            self._callbacks = [
+                *fit_callbacks(args.out, args.resume, training.process_index),
+                self.interrupts.callback(at="epoch", across_processes=across),
+            ]
+        return list(self._callbacks)
 
 
 def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
@@ -291,10 +321,13 @@ def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
 
     if remote_paths.is_url(folder):  # gs://...: no os.path, no rename
         return _claim_remote_run_folder(folder, recipe, resume)
+    from keras_aim.utils.run_lock import LOCK_FILE
+
     marker = os.path.join(folder, RUN_FILE)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} is a file; the run needs a folder.")
-    contents = os.listdir(folder) if os.path.isdir(folder) else []
+    contents = [name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                if name != LOCK_FILE]
     if resume and not contents:
         raise ValueError(
             f"Nothing to resume in {folder}: "
@@ -320,6 +353,44 @@ def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
 
     with atomic_file(marker) as staging, open(staging, "w") as handle:
         json.dump({"recipe": recipe}, handle)
+
+
+@contextlib.contextmanager
+def run_folder(folder: str, recipe: str, resume: bool, lock: bool = True):
+    """Holds `folder` as the run folder of `recipe` for the `with` block:
+    takes its lock (`keras_aim.utils.run_lock`; a second run on the folder
+    is refused at once and changes nothing), then claims it
+    (`claim_run_folder`). A folder this call created is removed again when
+    the claim is refused. `lock=False` (the other processes of a
+    multi-process run: process 0 holds the lock) only claims. A gs:// folder
+    is claimed but not locked: an object store has no exclusive create here.
+    """
+    from keras_aim.utils import remote_paths
+    from keras_aim.utils.run_lock import RunLock
+
+    if remote_paths.is_url(folder) or not lock:
+        claim_run_folder(folder, recipe, resume)
+        yield
+        return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file; the run needs a folder.")
+    created = not os.path.exists(folder)
+    if created and resume:
+        claim_run_folder(folder, recipe, resume)  # refuses: nothing to resume
+    os.makedirs(folder, exist_ok=True)
+    held = RunLock(folder)
+    try:
+        held.acquire()
+        claim_run_folder(folder, recipe, resume)
+    except BaseException:
+        held.release()
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def _claim_remote_run_folder(folder: str, recipe: str, resume: bool) -> None:
@@ -416,23 +487,35 @@ def _names(names: list[str], most: int = 8) -> str:
 
 
 def run_in_scope(args, body, recipe: str) -> int:
-    """`body(args, callbacks, training)` inside the distribution scope of
-    recipe `recipe`'s run; any error is printed as one `error: ...` line
-    (the traceback too at `--verbose 2`) and gives exit code 1."""
+    """`body(args, run, training)` inside the distribution scope of recipe
+    `recipe`'s run, `run` a `Run`; any error is printed as one `error: ...`
+    line (the traceback too at `--verbose 2`) and gives exit code 1."""
 
     def run():
-        callbacks, training = start_run(args, recipe)
-        with training.scope():
-            return body(args, callbacks, training)
+        training = start_run(args, recipe)
+        with contextlib.ExitStack() as stack:
+            context = Run(args, recipe, training, stack)
+            with training.scope():
+                return body(args, context, training)
 
     return run_reporting_errors(args, run)
 
 
 def run_reporting_errors(args: argparse.Namespace, run) -> int:
     """`run()`'s exit code; an exception becomes one `error: ...` line and
-    exit code 1 (with the traceback at `--verbose 2`), Ctrl-C code 130."""
+    exit code 1 (with the traceback at `--verbose 2`); a run stopped on a
+    signal (`Interrupted`) says how to resume and gives 130 / 143, Ctrl-C
+    elsewhere 130."""
+    from keras_aim.training.interrupts import Interrupted
+
     try:
         return run()
+    except Interrupted as stop:
+        out = getattr(args, "out", None)
+        print(f"interrupted: {stop}; "
+              + (f"rerun with --resume --out {out} to continue" if out else
+                 "nothing was kept (no --out)"), flush=True)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         return 130

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from keras_aim.utils.arguments import positive_int
 from recipes.common import add_verbosity_argument, build_pretrainer, fit_logging, quiet
 from recipes.configs import load
 
@@ -38,13 +39,13 @@ CONFIG = dict(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=CONFIG["total_steps"])
+    parser.add_argument("--steps", type=positive_int, default=CONFIG["total_steps"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=CONFIG["batch_size"],
+    parser.add_argument("--batch-size", type=positive_int, default=CONFIG["batch_size"],
                         help="pre-training batch size")
-    parser.add_argument("--probe-epochs", type=int, default=CONFIG["probe_epochs"],
+    parser.add_argument("--probe-epochs", type=positive_int, default=CONFIG["probe_epochs"],
                         help="epochs of each attentive probe")
-    parser.add_argument("--lora-epochs", type=int, default=CONFIG["lora_epochs"],
+    parser.add_argument("--lora-epochs", type=positive_int, default=CONFIG["lora_epochs"],
                         help="epochs of LoRA fine-tuning")
     parser.add_argument("--summary", default=None, help="write the figures as JSON")
     parser.add_argument("--plot", default=None, help="loss curve PNG path")

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     return run_in_scope(args, finetune, "finetune_lora")
 
 
-def finetune(args, callbacks, training) -> int:
+def finetune(args, run, training) -> int:
     from keras_aim import data
     from keras_aim.models import families
     from keras_aim.models.aim.convert_aim import load_head
@@ -90,7 +90,7 @@ def finetune(args, callbacks, training) -> int:
     steps = _batches_per_epoch(train_set, training.micro_batch_size, training.multi_host)
     verbose, progress = fit_logging(args, args.epochs * steps, "LoRA")
     fit_lora(classifier, train, args.epochs, steps, args.learning_rate,
-             callbacks=callbacks + progress, verbose=verbose,
+             callbacks=run.callbacks() + progress, verbose=verbose,
              gradient_accumulation_steps=training.gradient_accumulation_steps)
     for bar in progress:
         bar.close()

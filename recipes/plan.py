@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from keras_aim.utils.arguments import positive_float, positive_int
 from recipes.configs import NAMES, load
 
 # 80 GB: A100/H100; 141 GB: H200; 16 GB: a TPU v4 / v5e core.
@@ -30,12 +31,12 @@ def parse_args(argv=None):
     parser.add_argument("--config", "--preset", dest="config", choices=NAMES,
                         default="aim_7b", help="a pre-training config (recipes/configs/)")
     parser.add_argument("--mesh", nargs="+", default=["16x8"], help="BATCHxMODEL, one or more")
-    parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int,
+    parser.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int,
                         help="global batch (default: the config's)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--accumulate", type=int, default=1, metavar="N")
-    parser.add_argument("--device-memory", type=float, nargs="+",
+    parser.add_argument("--accumulate", type=positive_int, default=1, metavar="N")
+    parser.add_argument("--device-memory", type=positive_float, nargs="+",
                         default=DEFAULT_DEVICE_MEMORY_GB, metavar="GB",
                         help="device memories to check, in GB (10^9 bytes)")
     return parser.parse_args(argv)

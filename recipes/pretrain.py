@@ -27,18 +27,19 @@ all processes and each process reads its part of every global batch.
 from __future__ import annotations
 
 import argparse
-import signal
+import contextlib
 import sys
 import time
 
+from keras_aim.utils.arguments import share
 from recipes.common import (
     add_distribution_arguments,
     add_verbosity_argument,
     build_pretrainer,
-    claim_run_folder,
     fit_logging,
     positive_int,
     quiet,
+    run_folder,
     run_reporting_errors,
     setup_distribution,
 )
@@ -62,7 +63,7 @@ def parse_args(argv=None):
         help="threads reading and augmenting images (default: all cores, autotuned)",
     )
     parser.add_argument(
-        "--max-bad-images", type=float, default=0.01, metavar="SHARE",
+        "--max-bad-images", type=share, default=0.01, metavar="SHARE",
         help="stop when more than this share of the images read were unreadable "
         "(default 0.01; each one is skipped and named until then)",
     )
@@ -146,133 +147,162 @@ def pretrain(args, extra_callbacks: list) -> int:
         if value is not None:
             config["total_steps" if key == "steps" else key] = value
 
+    from keras_aim.training.checkpointing import TrainingCheckpoints
     from keras_aim.training.distribution import parse_mesh
+    from keras_aim.training.interrupts import Interrupts
+    from keras_aim.utils.remote_paths import join
 
     validate(config, parse_mesh(args.mesh), args.accumulate)
     training = setup_distribution(
         args, config["batch_size"], settings=checkpoint_config(config, args)
     )
-    # With --accumulate N, fit sees N micro-batches per optimizer update;
-    # steps and checkpoints count updates, the learning-rate schedule counts
-    # micro-batches (as Keras' optimizer does).
-    global_batch = config["batch_size"]
-    micro_batch = training.micro_batch_size
-    micro = training.accumulate
     say = print if training.is_primary else (lambda *a, **k: None)
     if training.mesh.num_devices > 1:
-        say(f"mesh {training.mesh}: {micro_batch // training.mesh.batch} "
+        say(f"mesh {training.mesh}: {training.micro_batch_size // training.mesh.batch} "
             "images per batch-axis device per step", flush=True)
+    # Everything that can be refused is checked before the folder is
+    # claimed: a run refused for its mesh or data leaves no trace.
+    images = image_source(config["data"], args.seed)
+    with contextlib.ExitStack() as stack:
+        if training.is_primary or args.resume:
+            # Process 0 locks the folder and writes its marker; with
+            # --resume every process checks it.
+            stack.enter_context(run_folder(
+                args.workdir, "pretrain", args.resume, lock=training.is_primary))
+        checkpoints = stack.enter_context(TrainingCheckpoints(
+            join(args.workdir, "checkpoints"), config=checkpoint_config(config, args), log=say
+        ))
+        existing = checkpoints.latest_step is not None
+        if existing and not args.resume:
+            raise ValueError(
+                f"{args.workdir} already has checkpoints; pass --resume to "
+                "continue that run, or choose another --workdir."
+            )
+        if args.resume and not existing:
+            raise ValueError(
+                f"Nothing to resume in {args.workdir}: it holds no checkpoint. "
+                "Check the path, or drop --resume to start a new run."
+            )
+        keras.mixed_precision.set_global_policy(config["precision"])
+        keras.utils.set_random_seed(args.seed)
+        interrupts = stack.enter_context(Interrupts(say=say, armed=True))
+        start = time.perf_counter()
+        # Variables are created (and restored) already sharded in the
+        # scope; fit runs under it too.
+        with training.scope():
+            pretrainer = train(args, config, training, checkpoints, images, interrupts,
+                               extra_callbacks, say)
+        if pretrainer is None:
+            return interrupts.exit_code
+        trunk = join(args.workdir, "backbone")
+        export_trunk(pretrainer.backbone, training, trunk)
+    say(f"done: {config['total_steps']} steps in {time.perf_counter() - start:.0f} s "
+        f"(global batch {config['batch_size']}); trunk saved to {trunk}")
+    return 0
+
+
+def train(args, config: dict, training, checkpoints, images, interrupts,
+          extra_callbacks: list, say):
+    """Builds (or restores) the pre-trainer and trains it to the config's
+    last step; returns it, or `None` when a signal stopped the run (after a
+    checkpoint of the step reached is written)."""
+    import keras
 
     from keras_aim import data
     from keras_aim.training.callbacks import StopAtStep
-    from keras_aim.training.checkpointing import StepCheckpoint, TrainingCheckpoints
+    from keras_aim.training.checkpointing import StepCheckpoint
+    from keras_aim.training.interrupts import StopOnNonFinite
     from keras_aim.utils.remote_paths import join
 
-    if training.is_primary or args.resume:
-        # One process writes the run's marker; with --resume every one checks it.
-        claim_run_folder(args.workdir, "pretrain", args.resume)
-    checkpoints = TrainingCheckpoints(
-        join(args.workdir, "checkpoints"), config=checkpoint_config(config, args), log=say
+    # With --accumulate N, fit sees N micro-batches per optimizer update;
+    # steps and checkpoints count updates, the learning-rate schedule counts
+    # micro-batches (as Keras' optimizer does).
+    micro_batch, micro = training.micro_batch_size, training.accumulate
+    pretrainer = build_pretrainer(
+        {**config, "batch_size": micro_batch, "total_steps": config["total_steps"] * micro},
+        args.seed, training.remat, training.gradient_accumulation_steps,
     )
-    existing = checkpoints.latest_step is not None
-    if existing and not args.resume:
-        raise ValueError(
-            f"{args.workdir} already has checkpoints; pass --resume to "
-            "continue that run, or choose another --workdir."
-        )
-    if args.resume and not existing:
-        raise ValueError(
-            f"Nothing to resume in {args.workdir}: it holds no checkpoint. "
-            "Check the path, or drop --resume to start a new run."
-        )
-    keras.mixed_precision.set_global_policy(config["precision"])
-    keras.utils.set_random_seed(args.seed)
+    step = 0
+    if checkpoints.latest_step is not None:
+        step = checkpoints.restore(pretrainer)
+        say(f"resumed from {checkpoints.directory}/{step} at step {step}")
+    shard = training.take_data_sharding()
+    # The data position: micro-batches consumed (the optimizer's raw step
+    # count, also mid-accumulation), saved with every checkpoint.
+    next_batch = step * micro
+    if step:
+        next_batch = int(checkpoints.data_state(step).get("next_batch", next_batch))
 
-    # Variables are created (and restored) already sharded in the scope;
-    # fit runs under it too.
-    with training.scope():
-        pretrainer = build_pretrainer(
-            {**config, "batch_size": micro_batch, "total_steps": config["total_steps"] * micro},
-            args.seed, training.remat, training.gradient_accumulation_steps,
+    def stream_from(batch: int):
+        """The run's stream from micro-batch `batch` on: O(1) to start."""
+        return data.pretraining_dataset(
+            images, micro_batch, config["image_size"], config["augmentation"],
+            seed=args.seed, start_step=batch, shard=shard,
+            workers=args.data_workers, max_bad_fraction=args.max_bad_images,
         )
-        step = 0
-        if checkpoints.latest_step is not None:
-            step = checkpoints.restore(pretrainer)
-            say(f"resumed from {checkpoints.directory}/{step} at step {step}")
-        images = image_source(config["data"], args.seed)
-        shard = training.take_data_sharding()
-        # The data position: micro-batches consumed (the optimizer's raw
-        # step count, also mid-accumulation), saved with every checkpoint.
-        next_batch = step * micro
-        if step:
-            saved = checkpoints.data_state(step)
-            next_batch = int(saved.get("next_batch", next_batch))
 
-        def stream_from(batch: int):
-            """The run's stream from micro-batch `batch` on: O(1) to start."""
-            return data.pretraining_dataset(
-                images, micro_batch, config["image_size"], config["augmentation"],
-                seed=args.seed, start_step=batch, shard=shard,
-                workers=args.data_workers, max_bad_fraction=args.max_bad_images,
+    def data_state(_step: int) -> dict:
+        consumed = pretrainer.optimizer._iterations  # micro-batches
+        return {"next_batch": int(keras.ops.convert_to_numpy(consumed))}
+
+    total, every = config["total_steps"], config["checkpoint_every"]
+    verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro) \
+        if training.is_primary else (0, [])
+    log = progress[0].bar.write if progress else say
+    saver = StepCheckpoint(checkpoints, data_state, on_save=lambda at, path: (
+        args.verbose and log(f"step {at}/{total}: checkpoint {path}")))
+    callbacks = [
+        StopOnNonFinite("lower the config's learning_rate, then resume from the "
+                        "newest checkpoint (written before the loss broke)"),
+        keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
+        keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
+        *progress,
+        *extra_callbacks,
+    ] if training.is_primary else [StopOnNonFinite(), *extra_callbacks]
+    across = training.multi_host and keras.config.backend() == "jax"
+    callbacks += [saver, StopAtStep(total),
+                  interrupts.callback(at="batch", across_processes=across)]
+    try:
+        # One fit per checkpoint interval ("epoch"), all on one stream; a
+        # run resumed between two checkpoints first ends that interval.
+        if step % every and step < total:
+            chunk = min(every - step % every, total - step)
+            pretrainer.fit(
+                stream_from(next_batch), steps_per_epoch=chunk * micro,
+                initial_epoch=step // every, epochs=step // every + 1,
+                verbose=verbose, callbacks=callbacks, shuffle=False,
             )
-
-        def data_state(_step: int) -> dict:
-            consumed = pretrainer.optimizer._iterations  # micro-batches
-            return {"next_batch": int(keras.ops.convert_to_numpy(consumed))}
-
-        # SIGTERM (preemption) behaves like Ctrl-C: checkpoint, then stop.
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-        total, every = config["total_steps"], config["checkpoint_every"]
-        verbose, progress = fit_logging(args, total * micro, "pre-training", step * micro) \
-            if training.is_primary else (0, [])
-        log = progress[0].bar.write if progress else say
-        callbacks = [
-            keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
-            keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
-            *progress,
-            *extra_callbacks,
-        ] if training.is_primary else list(extra_callbacks)
-        callbacks += [
-            StepCheckpoint(checkpoints, data_state,
-                           on_save=lambda at, path: args.verbose and log(
-                               f"step {at}/{total}: checkpoint {path}")),
-            StopAtStep(total),
-        ]
-        start = time.perf_counter()
-        try:
-            # One fit per checkpoint interval ("epoch"), all on one stream; a
-            # run resumed between two checkpoints first ends that interval.
-            if step % every and step < total:
-                chunk = min(every - step % every, total - step)
-                pretrainer.fit(
-                    stream_from(next_batch), steps_per_epoch=chunk * micro,
-                    initial_epoch=step // every, epochs=step // every + 1,
-                    verbose=verbose, callbacks=callbacks, shuffle=False,
-                )
-                step += chunk
-                next_batch = data_state(step)["next_batch"]
-            if step < total:
-                pretrainer.fit(
-                    stream_from(next_batch), steps_per_epoch=every * micro,
-                    initial_epoch=step // every, epochs=-(-total // every),
-                    verbose=verbose, callbacks=callbacks,
-                    shuffle=False,  # the stream is shuffled by its pipeline
-                )
-                step = total
-        except KeyboardInterrupt:
             step = int(keras.ops.convert_to_numpy(pretrainer.optimizer.iterations))
-            path = checkpoints.save(pretrainer, step, wait=True, data_state=data_state(step))
-            say(f"\ninterrupted: checkpoint {path}; rerun with --resume", flush=True)
-            return 130
-        finally:
-            for bar in progress:
-                bar.close()
-            checkpoints.close()  # waits for the last save
-    trunk = join(args.workdir, "backbone")
-    export_trunk(pretrainer.backbone, training, trunk)
-    say(f"done: {total} steps in {time.perf_counter() - start:.0f} s "
-        f"(global batch {global_batch}); trunk saved to {trunk}")
-    return 0
+            next_batch = data_state(step)["next_batch"]
+        if step < total and not interrupts.received:
+            pretrainer.fit(
+                stream_from(next_batch), steps_per_epoch=every * micro,
+                initial_epoch=step // every, epochs=-(-total // every),
+                verbose=verbose, callbacks=callbacks,
+                shuffle=False,  # the stream is shuffled by its pipeline
+            )
+        step = int(keras.ops.convert_to_numpy(pretrainer.optimizer.iterations))
+        if interrupts.received and step < total:
+            # The fit stopped after a step; its epoch end saved that step
+            # (unless the signal came between two fits, after a save).
+            path = f"{checkpoints.directory}/{step}"
+            if saver.last_step != step:
+                path = checkpoints.save(pretrainer, step, wait=True,
+                                        data_state=data_state(step))
+            checkpoints.wait()
+            log(f"\ninterrupted at step {step}/{total}: checkpoint {path}; continue "
+                f"with the same command and --resume")
+            return None
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        newest = checkpoints.latest_step
+        log("\nstopped at once, without a checkpoint; "
+            + (f"the newest is step {newest}: continue with --resume" if newest
+               else "no checkpoint was written yet"))
+        raise
+    finally:
+        for bar in progress:
+            bar.close()
+    return pretrainer
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+from keras_aim.utils.arguments import positive_float, positive_int
 from recipes.common import add_verbosity_argument, quiet, report_error
 
 
@@ -66,20 +67,20 @@ def parse_args(argv=None):
                         help="a tiny study (2 trunks, a few steps) that checks the pipeline")
     parser.add_argument("--data", help="digits | folder:PATH | tfds:NAME (default: digits)")
     parser.add_argument("--tfds-data-dir", default=None)
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--image-size", type=positive_int)
+    parser.add_argument("--patch-size", type=positive_int)
     parser.add_argument("--augmentation", choices=("aim", "shift", "none"))
-    parser.add_argument("--steps", type=int, help="pre-training steps per run")
+    parser.add_argument("--steps", type=positive_int, help="pre-training steps per run")
     parser.add_argument("--checkpoints", type=lambda t: tuple(int(v) for v in t.split(",")),
                         help="steps to measure at, e.g. 50,100,200,400 (ends at --steps)")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seeds", type=lambda t: tuple(int(v) for v in t.split(",")),
                         help="e.g. 0,1,2: the first for the grid, all at full data")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=positive_int, default=None,
                         help="runs at a time, each in its own process (default: one per CPU "
                              "core, at most 4, on the embedded digits; 1 on other data, whose "
                              "larger models want the machine or accelerator to themselves)")
-    parser.add_argument("--max-runs", type=int, default=None,
+    parser.add_argument("--max-runs", type=positive_int, default=None,
                         help="stop after this many runs (continue later)")
     parser.add_argument("--estimate", action="store_true",
                         help="print the study's analytic cost (FLOPs, memory of the largest "
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=_image_counts, default=None, metavar="TRAIN,VAL",
                         help="with --estimate: training and held-out image counts "
                              "(default: counted from --data)")
-    parser.add_argument("--tflops", type=float, default=100.0,
+    parser.add_argument("--tflops", type=positive_float, default=100.0,
                         help="with --estimate: the sustained TFLOP/s to convert FLOPs to hours "
                              "(default 100, about 10%% of an H100's dense bfloat16 peak)")
     add_verbosity_argument(parser)

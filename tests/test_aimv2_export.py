@@ -49,6 +49,37 @@ def test_lit_signatures_and_their_shapes(exports):
     assert sorted(signatures["zero_shot_logits"].outputs) == ["logits", "probabilities"]
 
 
+def test_lit_signatures_refuse_empty_batches_and_images_without_pixels(exports):
+    import tensorflow as tf
+
+    from keras_aim.export.serving_inputs import EMPTY_BATCH, EMPTY_IMAGE
+
+    signatures = tf.saved_model.load(exports["lit_dir"]).signatures
+    texts = tf.zeros((2, 32), tf.float32)
+    calls = {
+        EMPTY_BATCH: [
+            ("image_embedding", {"images": tf.zeros((0, 40, 50, 3), tf.uint8)}),
+            ("image_embedding_preprocessed", {"images": tf.zeros((0, 28, 28, 3))}),
+            ("zero_shot_logits", {"images": tf.zeros((0, 40, 50, 3), tf.uint8),
+                                  "text_embeddings": texts}),
+            ("text_embedding", {"token_ids": tf.zeros((0, 10), tf.int32)}),
+            ("text_embedding_full_length", {"token_ids": tf.zeros((0, 12), tf.int32)}),
+        ],
+        EMPTY_IMAGE: [
+            ("serving_default", {"images": tf.zeros((1, 0, 50, 3), tf.uint8)}),
+            ("zero_shot_logits", {"images": tf.zeros((1, 40, 0, 3), tf.uint8),
+                                  "text_embeddings": texts}),
+        ],
+    }
+    for problem, requests in calls.items():
+        for name, inputs in requests:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=problem):
+                signatures[name](**inputs)
+    assert signatures["zero_shot_logits"](
+        images=tf.zeros((1, 1, 1, 3), tf.uint8), text_embeddings=texts
+    )["logits"].shape == (1, 2)
+
+
 @pytest.mark.slow
 def test_plain_tensorflow_serves_the_reference_embeddings(exports, tmp_path):
     ref = aimv2_tiny.outputs("lit")

@@ -330,3 +330,118 @@ def test_trunk_preset_given_to_the_classifier(tiny_backbone, tmp_path):
         to_numpy(classifier.backbone.blocks[1].mlp.fc1.kernel),
         to_numpy(tiny_backbone.blocks[1].mlp.fc1.kernel),
     )
+
+
+# --- Strict loading both ways (keras_aim.loading.strict_weights) -------------
+
+
+def edited_config(folder, **changes):
+    """Rewrites `folder`'s config.json: a value of None removes the key."""
+    import json
+
+    path = os.path.join(folder, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    for key, value in changes.items():
+        config["config"].pop(key, None) if value is None else config["config"].update({key: value})
+    with open(path, "w") as handle:
+        json.dump(config, handle)
+
+
+@pytest.mark.parametrize("max_shard_size", [None, 0.0002])  # one file; 5 shards
+def test_preset_config_with_fewer_blocks_than_its_weights_is_refused(
+    tiny_backbone, tmp_path, max_shard_size
+):
+    from keras_aim.models import families
+
+    folder = str(tmp_path / "preset")
+    tiny_backbone.save_to_preset(folder, max_shard_size=max_shard_size)
+    edited_config(folder, num_layers=2)  # the weights hold 4 blocks
+    loads = (
+        keras_aim.AIMBackbone.from_preset,
+        families.backbone_from_preset,
+        keras_hub.models.Backbone.from_preset,
+        lambda path, **kw: keras_aim.AIMImageClassifier.from_preset(
+            path, num_classes=3, probe_layers=(0, 1), **kw),
+    )
+    for load in loads:
+        with pytest.raises(ValueError) as info:
+            load(folder)
+        message = str(info.value)
+        assert ("16 variables in the file that the model lacks: "
+                "layers/aim_transformer_block_2/attn/proj/vars/0, ") in message
+        assert ", ... (16 in all)" in message
+        assert "the file holds 4 aim_transformer_block layers, the model 2" in message
+        assert "pass allow_partial=True" in message
+    message = str(info.value)
+    assert f"{os.path.join(folder, 'config.json')} does not describe" in message
+    for load in (loads[0], loads[1], loads[3]):  # asked for by name: the first 2 blocks
+        model = load(folder, allow_partial=True)
+        backbone = getattr(model, "backbone", model)
+        assert backbone.num_layers == 2
+        np.testing.assert_array_equal(
+            to_numpy(backbone.blocks[1].attn.qkv.kernel),
+            to_numpy(tiny_backbone.blocks[1].attn.qkv.kernel),
+        )
+
+
+def test_preset_config_with_more_blocks_or_a_lost_key_names_the_file(tmp_path):
+    folder = str(tmp_path / "preset")
+    make_tiny_backbone(mlp_ratio=2.0).save_to_preset(folder)
+    config = os.path.join(folder, "config.json")
+    edited_config(folder, num_layers=6)
+    with pytest.raises(ValueError) as info:
+        keras_aim.AIMBackbone.from_preset(folder, allow_partial=True)  # never lacking
+    message = str(info.value)
+    assert "16 variables of the model not in the file: layers/aim_transformer_block_4/" in message
+    assert "the file holds 4 aim_transformer_block layers, the model 6" in message
+    assert f"Fix: {config} does not describe the model that wrote these weights" in message
+    assert "expected 1 variables" not in message  # not Keras' own list
+    edited_config(folder, num_layers=4, mlp_ratio=None)
+    with pytest.raises(ValueError) as info:
+        keras_aim.AIMBackbone.from_preset(folder)
+    message = str(info.value)
+    assert "8 shape mismatches: layers/aim_transformer_block/mlp/fc1/vars/0 (64, 128) " \
+           "in the file, (64, 256) in the model; " in message
+    assert "config.json lacks mlp_ratio (default 4.0 used)" in message
+    assert keras_aim.AIMBackbone.from_preset(folder, mlp_ratio=2.0).mlp_ratio == 2.0
+
+
+def test_keras_file_and_weights_file_holding_more_blocks_are_refused(tiny_backbone, tmp_path):
+    import json
+    import zipfile
+
+    from keras_aim.loading.keras_files import load_model_file
+
+    path = str(tmp_path / "backbone.keras")
+    tiny_backbone.save(path)
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    config["config"]["num_layers"] = 2
+    files["config.json"] = json.dumps(config)
+    shallow = str(tmp_path / "shallow.keras")
+    with zipfile.ZipFile(shallow, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    with pytest.raises(ValueError, match=r"(?s)16 variables in the file that the model "
+                       r"lacks: .*its config.json does not describe the model"):
+        load_model_file(shallow)
+    assert load_model_file(shallow, allow_partial=True).num_layers == 2
+    restored = load_model_file(path)
+    images = np.zeros((1, 32, 32, 3), "float32")
+    np.testing.assert_array_equal(to_numpy(restored(images)), to_numpy(tiny_backbone(images)))
+
+    weights = str(tmp_path / "trunk.weights.h5")
+    tiny_backbone.save_weights(weights)
+    shallow_model = make_tiny_backbone(num_layers=2)
+    before = [to_numpy(w) for w in shallow_model.weights]
+    with pytest.raises(ValueError, match="16 variables in the file that the model lacks"):
+        shallow_model.load_weights(weights)
+    for old, new in zip(before, shallow_model.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))  # left as it was
+    shallow_model.load_weights(weights, allow_partial=True)
+    np.testing.assert_array_equal(
+        to_numpy(shallow_model.blocks[0].mlp.fc1.kernel),
+        to_numpy(tiny_backbone.blocks[0].mlp.fc1.kernel),
+    )

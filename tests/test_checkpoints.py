@@ -108,6 +108,24 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_what_differs(tm
     accumulating.close()
 
 
+def test_a_checkpoint_holding_more_than_the_model_is_refused_and_nothing_restored(tmp_path):
+    # The same run config, but the checkpoint's trunk has 4 blocks and the
+    # model 2: its extra variables are named, and the model keeps its own.
+    with TrainingCheckpoints(tmp_path, config=CONFIG) as checkpoints:
+        checkpoints.save(pretrainer(), 5, wait=True)
+    shallow = keras_aim.AIMPretrainer(make_tiny_backbone(num_layers=2), pixel_head_width=32,
+                                      pixel_head_depth=1, seed=1)
+    shallow.compile(optimizer=keras_aim.pretraining_optimizer(learning_rate=1e-3))
+    before = state(shallow)
+    with TrainingCheckpoints(tmp_path, config=CONFIG) as checkpoints:
+        with pytest.raises(ValueError) as info:
+            checkpoints.restore(shallow)
+    message = str(info.value)
+    assert "checkpoint model variables not in this model: block_2/attn/proj/kernel" in message
+    assert "model variables not in the checkpoint" not in message
+    assert_states_equal(state(shallow), before)
+
+
 def test_an_incomplete_checkpoint_is_skipped_logged_and_removed(tmp_path):
     model = pretrainer()
     with TrainingCheckpoints(tmp_path, config=CONFIG) as checkpoints:

@@ -12,6 +12,7 @@ import pytest
 import keras_aim
 from keras_aim import cli
 from keras_aim.export import saved_model as aim_export
+from keras_aim.export.versions import next_version
 from tests.conftest import (
     PARITY_ATOL,
     fixture_path,
@@ -341,7 +342,7 @@ def test_existing_version_is_refused_without_overwrite(exports, tmp_path, capsys
     assert code == 1
     assert "Version 1 already exists" in capsys.readouterr().err
     assert sorted(str(p) for p in base.rglob("*")) == before
-    assert aim_export.next_version(base) == 2
+    assert next_version(base) == 2
 
 
 def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch):
@@ -386,6 +387,30 @@ def test_failed_export_leaves_versions_untouched(exports, tmp_path, monkeypatch)
     assert aim_export.export_saved_model(exports["backbone"], base).endswith(os.sep + "2")
 
 
+def test_empty_batches_and_images_without_pixels_get_a_clear_error(exports):
+    """A request with no image, or with images of zero height or width,
+    fails with the signature's own message (not a resize or gather error
+    from deep inside the graph), on every image signature."""
+    import tensorflow as tf
+
+    from keras_aim.export.serving_inputs import EMPTY_BATCH, EMPTY_IMAGE
+
+    signatures = tf.saved_model.load(exports["classifier_dir"]).signatures
+    serve = signatures["serving_default"]
+    for shape, problem in (((0, 40, 52, 3), EMPTY_BATCH), ((2, 0, 52, 3), EMPTY_IMAGE),
+                           ((2, 40, 0, 3), EMPTY_IMAGE), ((0, 0, 0, 3), EMPTY_BATCH)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=problem) as info:
+            serve(images=tf.zeros(shape, tf.uint8))
+        assert str(list(shape)).replace(",", "") in str(info.value)  # the shape sent
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"{EMPTY_BATCH}.*encoded image"):
+        signatures["predict_images"](image_bytes=tf.zeros((0,), tf.string))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=EMPTY_BATCH):
+        signatures["predict_preprocessed"](images=tf.zeros((0, 32, 32, 3), tf.float32))
+    # The checks pass everything else through: one 1x1 image is served.
+    outputs = serve(images=tf.zeros((1, 1, 1, 3), tf.uint8))
+    assert outputs["logits"].shape == (1, exports["classifier"].num_classes)
+
+
 def test_bad_arguments_are_named(exports, tmp_path):
     with pytest.raises(TypeError, match="image classifier or image backbone.*received Sequential.*model.export"):
         aim_export.export_saved_model(keras.Sequential([keras.layers.Dense(2)]), tmp_path)
@@ -401,6 +426,29 @@ def test_bad_arguments_are_named(exports, tmp_path):
     assert aim_export.serving_converter(
         make_tiny_backbone(image_shape=(None, None, 3))
     ).image_size == (224, 224)
+
+
+def test_a_model_path_that_is_not_a_keras_file_is_named(tmp_path, capsys):
+    import zipfile
+
+    from keras_aim.loading.keras_files import load_model_file
+
+    archive = tmp_path / "model.keras"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("notes.txt", "not a model")
+        handle.writestr("model.weights.h5", b"")
+    assert cli.main(["export", "--model", str(archive), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {archive} is not a Keras model file saved with "
+                          "model.save(path) (a zip archive holding config.json, ")
+    assert "it is a zip archive without config.json (it holds model.weights.h5, notes.txt)" in err
+    assert "KeyError" not in err and not (tmp_path / "out").exists()
+    (tmp_path / "weights.keras").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(ValueError, match="it is an HDF5 file \\(weights only"):
+        load_model_file(tmp_path / "weights.keras")
+    with pytest.raises(ValueError, match="it is a file of 5 bytes that is not a zip archive"):
+        (tmp_path / "text.keras").write_text("hello")
+        load_model_file(tmp_path / "text.keras")
 
 
 @pytest.mark.slow

@@ -5,10 +5,13 @@ Runtimes: onnxruntime (ONNX), OpenVINO (IR, with float32 inference: its
 default on CPUs with bfloat16 units is bfloat16), the LiteRT interpreter
 (`ai_edge_litert`), `torch.export.load` (PyTorch program). Each format is
 written from every backend that can write it (JAX, TensorFlow, PyTorch
-passes); the SavedModel has its own tests (test_export.py).
+passes); the SavedModel has its own tests (test_export.py), except the
+check of the folder it writes into, which is here with the other targets.
 """
 
 import os
+import re
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -136,6 +139,80 @@ def test_a_failed_export_leaves_no_file(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="converter crashed"):
             export_model(AIM_V1.backbone(), target, target.suffix[1:].replace("xml", "openvino"))
         assert os.listdir(tmp_path) == []
+
+
+def image_data_folder(folder: Path) -> Path:
+    """A folder an export must not write into: images, a class folder
+    named like a version (`0/`) and one with a name."""
+    for name in ("0", "dogs"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "a.jpg").write_bytes(b"jpeg")
+    (folder / "labels.txt").write_text("cat\ndog\n")
+    return folder
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_a_saved_model_into_a_folder_of_other_files_is_refused_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
+    """Only a new or empty folder, or one holding earlier exports (numbered
+    folders with a saved_model.pb, and an export's hidden staging folders),
+    receives a version; anything else is refused with its contents named,
+    before the model is traced (or, from the command line, loaded), and
+    nothing is written into it."""
+    from keras_aim.export import saved_model as aim_export
+    from tests.model_families import AIM_V1
+
+    backbone = AIM_V1.backbone()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was exported")
+
+    monkeypatch.setattr(aim_export, "write_saved_model", must_not_run)
+    data = image_data_folder(tmp_path / "images")
+    before = tree(data)
+    refusal = (
+        rf"export_dir '{re.escape(str(data))}' holds other things than earlier exports: "
+        r"'0/' \(numbered, but no saved_model.pb\), 'dogs/', 'labels.txt'\..*Choose an "
+        r"empty or new folder.*or the folder of this model's earlier exports"
+    )
+    with pytest.raises(FileExistsError, match=refusal):
+        aim_export.export_saved_model(backbone, data)
+    with pytest.raises(FileExistsError, match=refusal):
+        export_model(backbone, data, "saved_model", version=3)
+    # The command line: refused before it reads --model (which does not exist).
+    missing = str(tmp_path / "missing.keras")
+    assert cli.main(["export", "--model", missing, "--out", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "holds other things than earlier exports: '0/'" in err and "missing.keras" not in err
+    assert tree(data) == before
+    # Earlier exports with a leftover staging folder of a killed export, and
+    # one stray file: refused, naming only the file.
+    served = tmp_path / "served"
+    for name in ("1", "2"):
+        (served / name / "variables").mkdir(parents=True)
+        (served / name / "saved_model.pb").write_bytes(b"an earlier version")
+    (served / ".3.tmp-k1ll3d").mkdir()
+    (served / "notes.md").write_text("x")
+    with pytest.raises(FileExistsError, match=r"exports: 'notes.md'\. "):
+        aim_export.export_saved_model(backbone, served)
+    (served / "notes.md").unlink()
+
+    def write(model, path, **kwargs):
+        Path(path, "saved_model.pb").write_bytes(b"version 3")
+
+    monkeypatch.setattr(aim_export, "write_saved_model", write)
+    assert aim_export.export_saved_model(backbone, served) == str(served / "3")
+    assert (served / "3" / "saved_model.pb").read_bytes() == b"version 3"
+    # An empty folder, and a new one.
+    (tmp_path / "empty").mkdir()
+    assert aim_export.export_saved_model(backbone, tmp_path / "empty").endswith(
+        os.sep + "1")
+    assert aim_export.export_saved_model(backbone, tmp_path / "new" / "aim").endswith(
+        os.sep + "1")
 
 
 @pytest.mark.slow

@@ -78,6 +78,29 @@ def test_attention_matches_manual_multihead_softmax():
     )
 
 
+@pytest.mark.parametrize("batch,queries", [(1, 1), (3, 1), (2, 5)])
+def test_scaled_dot_product_attention_matches_numpy_with_and_without_mask(batch, queries):
+    """The rank-3 TensorFlow path (and Keras' own elsewhere) against NumPy,
+    including the shapes with a dimension of 1 (one image, one query) at
+    which TensorFlow's oneDNN rank-4 products corrupt the heap."""
+    from keras_aim.layers.attention import scaled_dot_product_attention
+
+    rng = np.random.RandomState(2)
+    q = rng.randn(batch, queries, 2, 4).astype("float32")
+    k, v = (rng.randn(batch, 6, 2, 4).astype("float32") for _ in range(2))
+    mask = rng.rand(batch, 1, queries, 6) > 0.3
+    mask[..., 0] = True
+    for given in (None, mask):
+        logits = np.einsum("bthd,bshd->bhts", q, k) / 2.0
+        if given is not None:
+            logits = np.where(given, logits, -1e30)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        expected = np.einsum("bhts,bshd->bthd", weights, v)
+        got = to_numpy(scaled_dot_product_attention(q, k, v, mask=given))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_attention_rejects_bad_head_count():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         layers.AIMAttention(10, 4)

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,8 @@ def test_resume_of_a_missing_or_empty_workdir_is_refused(tmp_path, capsys):
 
 
 class StopAfter(keras.callbacks.Callback):
-    """Counts the batches `fit` runs; raises KeyboardInterrupt (as Ctrl-C
-    or SIGTERM do) after `stop_after` of them."""
+    """Counts the batches `fit` runs; sends this process SIGINT (a real
+    Ctrl-C) after `stop_after` of them."""
 
     def __init__(self, stop_after=None):
         super().__init__()
@@ -61,7 +62,7 @@ class StopAfter(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
         if self.batches == self.stop_after:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def trained_trunk(workdir):
@@ -88,7 +89,7 @@ def test_interrupted_run_resumes_at_its_step_and_runs_only_the_rest(
 
     stopped = StopAfter(stop_after=stop_after)
     assert pretrain.main(run + ["--workdir", str(tmp_path / "run")], [stopped]) == 130
-    assert "interrupted: checkpoint" in capsys.readouterr().out
+    assert f"interrupted at step {stop_after}/{steps}: checkpoint" in capsys.readouterr().out
     assert not (tmp_path / "run" / "backbone").exists()
 
     resumed = StopAfter()

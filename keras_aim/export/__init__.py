@@ -5,7 +5,8 @@ backend:
     export_saved_model(model, "serving/aim", version=None)  # TF Serving, preprocessing inside
 
 `formats` lists the formats and the backends that write them (it imports no
-framework); `exporters` writes them; `saved_model` is the TF Serving export.
+framework); `exporters` writes them; `saved_model` is the TF Serving export,
+`versions` its version folders and which folders it may write into.
 Names are imported on first use, so the command line can list the formats
 before Keras loads.
 """
@@ -15,6 +16,7 @@ from keras_aim.utils.lazy_imports import lazy_attributes
 _FORMATS = "keras_aim.export.formats"
 _EXPORTERS = "keras_aim.export.exporters"
 _SAVED_MODEL = "keras_aim.export.saved_model"
+_VERSIONS = "keras_aim.export.versions"
 __getattr__, __dir__ = lazy_attributes(
     __name__,
     {
@@ -25,14 +27,16 @@ __getattr__, __dir__ = lazy_attributes(
         "export_input_shape": f"{_EXPORTERS}:export_input_shape",
         "export_model": f"{_EXPORTERS}:export_model",
         **{
+            name: f"{_VERSIONS}:{name}"
+            for name in ("check_export_folder", "next_version", "resolve_version")
+        },
+        **{
             name: f"{_SAVED_MODEL}:{name}"
             for name in (
                 "embedding_outputs",
                 "export_saved_model",
                 "keras2_layer",
-                "next_version",
                 "predict_rest_body",
-                "resolve_version",
                 "rest_request_body",
                 "serving_converter",
                 "serving_outputs",

@@ -28,6 +28,11 @@ signature returns the projected `embedding` and its L2-normalized
 `normalized_embedding` (`image_embedding_preprocessed` also the clamped
 `logit_scale`).
 
+Each signature checks its input where it enters (`serving_inputs`): an
+empty batch, or an image with no rows or columns, fails the request with an
+`InvalidArgumentError` saying so ("the batch is empty", "images must have
+height and width > 0") before any other op runs.
+
 TensorFlow is imported inside the functions: this is the backend-specific
 part of keras_aim. TensorFlow backend: `keras.export.ExportArchive`
 directly. JAX: `ExportArchive` converts the model with jax2tf (native
@@ -50,6 +55,8 @@ import keras
 from keras import ops
 from keras_hub.models import Backbone, ImageClassifier
 
+from keras_aim.export.serving_inputs import checked_batch, checked_images
+from keras_aim.export.versions import refuse_existing, resolve_version
 from keras_aim.models.aim.aim_backbone import AIMBackbone
 from keras_aim.models.aim.aim_image_classifier import AIMImageClassifier
 from keras_aim.models.aim.aim_image_converter import AIMImageConverter
@@ -91,7 +98,10 @@ def export_saved_model(
         model: an `AIMImageClassifier`, `AIMBackbone`, `AIMv2Backbone` or
             `AIMv2LiT` on any backend.
         export_dir: TF Serving's model base path; the SavedModel goes into
-            `export_dir/<version>/`.
+            `export_dir/<version>/`. A new or empty folder, or one holding
+            only earlier exports (numbered folders with a `saved_model.pb`);
+            any other content is refused before any work
+            (`keras_aim.export.versions.check_export_folder`).
         version: positive int; default: one more than the highest existing
             version (1 for a new directory).
         overwrite: replace an existing version (else `FileExistsError`).
@@ -110,48 +120,8 @@ def export_saved_model(
     target = Path(export_dir) / str(version)
     with atomic_directory(str(target), replace=True) as staging:
         write_saved_model(model, staging, top_k=top_k, image_size=image_size)
-        _refuse_existing(target, overwrite)  # someone may have written it meanwhile
+        refuse_existing(target, overwrite)  # someone may have written it meanwhile
     return str(target)
-
-
-def resolve_version(
-    export_dir: str | os.PathLike, version: int | None, overwrite: bool = False
-) -> int:
-    """The version to write (`next_version` when `None`); raises if
-    `export_dir` is a file, the version is not a positive int, or it exists
-    and `overwrite` is off."""
-    base = Path(export_dir)
-    if base.exists() and not base.is_dir():
-        raise NotADirectoryError(
-            f"export_dir {str(base)!r} is a file; pass a directory (TF "
-            "Serving's model base path)."
-        )
-    version = next_version(base) if version is None else version
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(
-            f"version must be a positive int (TF Serving's version folder); "
-            f"received {version!r}."
-        )
-    _refuse_existing(base / str(version), overwrite)
-    return version
-
-
-def next_version(export_dir: str | os.PathLike) -> int:
-    """One more than the highest numeric version folder (1 if none)."""
-    base = Path(export_dir)
-    if not base.is_dir():
-        return 1
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(versions, default=0) + 1
-
-
-def _refuse_existing(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise FileExistsError(
-            f"Version {target.name} already exists in {str(target.parent)!r}. "
-            "Pass overwrite=True (keras-aim export --overwrite) to replace it, "
-            "or another version."
-        )
 
 
 def is_classifier(model) -> bool:
@@ -256,33 +226,39 @@ def write_saved_model(
 
     converter = serving_converter(model, image_size)
     height, width = converter.image_size
+    # Two archives: `models` turns the model functions into TensorFlow
+    # functions (jax2tf on JAX); `archive` holds the signatures, TensorFlow
+    # functions that check their inputs (`serving_inputs`) before calling
+    # them. Only `archive` is written, with each variable its functions use.
+    models = keras.export.ExportArchive()
     archive = keras.export.ExportArchive()
     backend_kwargs = {}
     if backend == "jax":
-        # jax2tf binds the tracked variables. On TensorFlow the endpoints
-        # find their variables themselves; tracking the model there would
-        # store every weight twice (Keras variables + the tf.Variables the
-        # functions use): a 2x larger SavedModel.
-        archive.track(model)
+        # jax2tf binds the variables `models` tracks (as tf.Variables). On
+        # TensorFlow the functions use the model's own variables; tracking
+        # the model in a written archive there would store every weight
+        # twice: a 2x larger SavedModel.
+        models.track(model)
         backend_kwargs["jax2tf_kwargs"] = {
             "native_serialization_platforms": JAX_SERVING_PLATFORMS
         }
     if isinstance(model, AIMv2LiT):
-        _add_lit_endpoints(archive, model, converter, backend_kwargs)
+        _add_lit_endpoints(archive, models, model, converter, backend_kwargs)
         archive.write_out(path, verbose=False)
         return
 
-    def predict_preprocessed(images):
+    def model_outputs(images):
         return serving_outputs(model, images, top_k)
 
-    predict = archive.add_endpoint(
-        "predict_preprocessed",
-        predict_preprocessed,
-        input_signature=[
-            tf.TensorSpec((None, height, width, 3), tf.float32, name="images")
-        ],
+    preprocessed_spec = tf.TensorSpec((None, height, width, 3), tf.float32, name="images")
+    predict = models.add_endpoint(
+        "predict_preprocessed", model_outputs, input_signature=[preprocessed_spec],
         **backend_kwargs,
     )
+
+    @tf.function(input_signature=[preprocessed_spec])
+    def predict_preprocessed(images):
+        return predict(checked_batch(images))
 
     # Decoding and resizing: TensorFlow ops outside the (jax2tf-)converted
     # model function, with the converter's own dynamic-shape TF path.
@@ -290,19 +266,20 @@ def write_saved_model(
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
     )
     def serve_images(images):
-        return predict(converter(images))
+        return predict(converter(checked_images(images)))
 
     @tf.function(
         input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")]
     )
     def serve_image_bytes(image_bytes):
         def decode_and_preprocess(data):
-            # The decoding `keras-aim classify` and image folders use.
+            # The decoding `keras-aim classify` and image folders use (its
+            # decoders refuse files of zero width or height themselves).
             return converter(decode_image(data))
 
         images = tf.map_fn(
             decode_and_preprocess,
-            image_bytes,
+            checked_batch(image_bytes, "encoded image"),
             fn_output_signature=tf.TensorSpec((height, width, 3), tf.float32),
         )
         return predict(images)
@@ -310,17 +287,21 @@ def write_saved_model(
     for name, function in (
         ("serving_default", serve_images),
         ("predict_images", serve_image_bytes),
+        ("predict_preprocessed", predict_preprocessed),
     ):
         function.get_concrete_function()  # traced once: ExportArchive needs it
         archive.add_endpoint(name, function)
     archive.write_out(path, verbose=False)
 
 
-def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> None:
-    """The LiT model's signatures (`LIT_SIGNATURES`). The model runs in two
-    (jax2tf-)converted endpoints, images at the crop size and token ids at
-    the full context length; decoding, resizing, padding and the zero-shot
-    logits are TensorFlow ops around them."""
+def _add_lit_endpoints(
+    archive, models, model: AIMv2LiT, converter, backend_kwargs
+) -> None:
+    """The LiT model's signatures (`LIT_SIGNATURES`) into `archive`. The
+    model runs in two (jax2tf-)converted functions of `models`, images at
+    the crop size and token ids at the full context length; input checks,
+    decoding, resizing, padding and the zero-shot logits are TensorFlow ops
+    around them."""
     import tensorflow as tf
 
     height, width = converter.image_size
@@ -336,30 +317,37 @@ def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> N
     def text_outputs(token_ids):
         return embedding_outputs(model.encode_text(token_ids))
 
-    images_model = archive.add_endpoint(
-        "image_embedding_preprocessed",
-        image_outputs,
-        input_signature=[tf.TensorSpec((None, height, width, 3), tf.float32, name="images")],
-        **backend_kwargs,
+    preprocessed_spec = tf.TensorSpec((None, height, width, 3), tf.float32, name="images")
+    full_length_spec = tf.TensorSpec((None, length), tf.int32, name="token_ids")
+    images_model = models.add_endpoint(
+        "image_embedding_preprocessed", image_outputs,
+        input_signature=[preprocessed_spec], **backend_kwargs,
     )
-    text_model = archive.add_endpoint(
-        "text_embedding_full_length",
-        text_outputs,
-        input_signature=[tf.TensorSpec((None, length), tf.int32, name="token_ids")],
-        **backend_kwargs,
+    text_model = models.add_endpoint(
+        "text_embedding_full_length", text_outputs,
+        input_signature=[full_length_spec], **backend_kwargs,
     )
 
     def embeddings(outputs):
         return {k: outputs[k] for k in EMBEDDING_OUTPUTS}
 
+    @tf.function(input_signature=[preprocessed_spec])
+    def image_embedding_preprocessed(images):
+        return images_model(checked_batch(images))
+
+    @tf.function(input_signature=[full_length_spec])
+    def text_embedding_full_length(token_ids):
+        return text_model(checked_batch(token_ids, "token sequence"))
+
     @tf.function(
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")]
     )
     def image_embedding(images):
-        return embeddings(images_model(converter(images)))
+        return embeddings(images_model(converter(checked_images(images))))
 
     @tf.function(input_signature=[tf.TensorSpec((None, None), tf.int32, name="token_ids")])
     def text_embedding(token_ids):
+        token_ids = checked_batch(token_ids, "token sequence")
         given = tf.shape(token_ids)[1]
         tf.debugging.assert_less_equal(
             given, length,
@@ -383,7 +371,7 @@ def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> N
         ]
     )
     def zero_shot(images, text_embeddings):
-        outputs = images_model(converter(images))
+        outputs = images_model(converter(checked_images(images)))
         image = tf.math.l2_normalize(outputs["embedding"], axis=-1)
         text = tf.math.l2_normalize(text_embeddings, axis=-1)
         logits = outputs["logit_scale"] * tf.matmul(image, text, transpose_b=True)
@@ -392,7 +380,9 @@ def _add_lit_endpoints(archive, model: AIMv2LiT, converter, backend_kwargs) -> N
     for name, function in (
         ("serving_default", image_embedding),
         ("image_embedding", image_embedding),
+        ("image_embedding_preprocessed", image_embedding_preprocessed),
         ("text_embedding", text_embedding),
+        ("text_embedding_full_length", text_embedding_full_length),
         ("zero_shot_logits", zero_shot),
     ):
         function.get_concrete_function()
@@ -544,7 +534,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=None)
     args = parser.parse_args(argv)
-    model = keras.saving.load_model(args.model, compile=False)
+    from keras_aim.loading.keras_files import load_model_file
+
+    model = load_model_file(args.model)
     write_saved_model(model, args.saved_model, args.top_k, args.image_size)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_aim.utils.arguments import check_positive_ints
@@ -29,6 +30,42 @@ def prefix_causal_mask(prefix_lengths, num_tokens: int):
     prefix = ops.cast(prefix_lengths, "int32")[:, None, None]
     in_prefix = ops.less(positions[None, None, :], prefix)  # (B, 1, N)
     return ops.expand_dims(ops.logical_or(causal[None], in_prefix), 1)
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, flash_attention=None):
+    """Multi-head attention of queries `(B, T, H, hd)` over keys and values
+    `(B, S, H, hd)` -> `(B, T, H, hd)`, scaled by `hd ** -0.5`; `mask`
+    (boolean, broadcastable to `(B, H, T, S)`) marks the keys a query sees.
+
+    `keras.ops.dot_product_attention`, except on TensorFlow: Keras computes
+    it there with `tf.einsum` on rank-4 tensors, and TensorFlow 2.21's
+    oneDNN kernels for rank-4 products with a dimension of size 1 (one
+    query, one image) corrupt the heap (tensorflow/tensorflow#117700,
+    #123109): a native crash in some runs, with no error to catch. This
+    path uses rank-3 `matmul`s over `B * H` instead (the same arithmetic;
+    logits and softmax in float32, as Keras does)."""
+    if keras.config.backend() != "tensorflow":
+        return ops.dot_product_attention(q, k, v, mask=mask, flash_attention=flash_attention)
+    batch, length, heads, head_dim = ops.shape(q)
+    keys = ops.shape(k)[1]
+
+    def fold(x, order, shape):  # (B, ., H, hd) -> (B * H, ...)
+        return ops.reshape(ops.transpose(x, order), shape)
+
+    logits = ops.matmul(
+        fold(q, (0, 2, 1, 3), (batch * heads, length, head_dim)),
+        fold(k, (0, 2, 3, 1), (batch * heads, head_dim, keys)),
+    )
+    logits = ops.reshape(ops.cast(logits, "float32"), (batch, heads, length, keys))
+    logits = logits * (1.0 / float(head_dim) ** 0.5)
+    if mask is not None:
+        logits = ops.where(mask, logits, -0.7 * float(np.finfo("float32").max))
+    probs = ops.cast(ops.softmax(logits, axis=-1), v.dtype)
+    out = ops.matmul(
+        ops.reshape(probs, (batch * heads, length, keys)),
+        fold(v, (0, 2, 1, 3), (batch * heads, keys, head_dim)),
+    )
+    return ops.transpose(ops.reshape(out, (batch, heads, length, head_dim)), (0, 2, 1, 3))
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
@@ -208,7 +245,7 @@ class AIMAttention(keras.layers.Layer):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, hd)
         if attention_mask is not None:
             attention_mask = ops.cast(attention_mask, "bool")  # may be 0/1
-        out = ops.dot_product_attention(
+        out = scaled_dot_product_attention(
             q, k, v, mask=attention_mask, flash_attention=self.flash_attention
         )
         return self.proj(ops.reshape(out, (batch, length, self.hidden_dim)))

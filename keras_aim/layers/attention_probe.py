@@ -111,11 +111,15 @@ class AIMAttentionProbe(keras.layers.Layer):
             x = self.bn(x, training=training)
         k = ops.reshape(self.k(x), (batch, length, heads, head_dim))
         v = ops.reshape(self.v(x), (batch, length, heads, head_dim))
-        q = ops.cast(self.cls_token, k.dtype)
-        q = ops.broadcast_to(
-            ops.reshape(q, (1, 1, heads, head_dim)), (batch, 1, heads, head_dim)
-        )
-        pooled = ops.dot_product_attention(q, k, v)  # (B, 1, H, hd)
+        # One query: the attention is a softmax-weighted mean over the
+        # tokens, computed elementwise (float32 logits, as Keras' attention
+        # does). Not `dot_product_attention`: on TensorFlow its rank-4
+        # product with a query length of 1 hits the oneDNN heap corruption
+        # described at `scaled_dot_product_attention`.
+        q = ops.reshape(ops.cast(self.cls_token, "float32"), (1, 1, heads, head_dim))
+        logits = ops.sum(ops.cast(k, "float32") * q, axis=-1) / float(head_dim) ** 0.5
+        weights = ops.softmax(logits, axis=1)  # over the tokens: (B, N, H)
+        pooled = ops.sum(ops.cast(weights[..., None], v.dtype) * v, axis=1)  # (B, H, hd)
         return ops.reshape(pooled, (batch, self.hidden_dim))
 
     def compute_output_shape(self, input_shape):

@@ -65,7 +65,10 @@ def check_preset_folder(preset, load_weights: bool = True) -> None:
         _check_hdf5(path, WEIGHTS_FILE)
     elif SHARDED_WEIGHTS_FILE in present:
         with open(os.path.join(path, SHARDED_WEIGHTS_FILE)) as handle:
-            shards = sorted(set(json.load(handle).get("weight_map", {}).values()))
+            entries = json.load(handle).get("weight_map", {}).values()
+        # One file name per group, or a list of them (newer Keras versions).
+        shards = sorted({name for entry in entries
+                         for name in ([entry] if isinstance(entry, str) else entry)})
         missing = [shard for shard in shards if shard not in present]
         if missing or not shards:
             raise PresetFolderError(

@@ -375,7 +375,9 @@ def read_checkpoint(directory: str, step: int | None = None) -> tuple[int, dict]
 class StepCheckpoint(keras.callbacks.Callback):
     """Saves a checkpoint at the end of every `fit` epoch (use
     `steps_per_epoch` = the checkpoint interval) through `checkpoints`,
-    with the data position `data_state(step)` (JSON values) when given."""
+    with the data position `data_state(step)` (JSON values) when given.
+    Weights holding a NaN or infinity are never saved: `NonFiniteError`
+    names them and the newest checkpoint stays the last good one."""
 
     def __init__(self, checkpoints: TrainingCheckpoints,
                  data_state: Callable[[int], dict] | None = None,
@@ -384,11 +386,16 @@ class StepCheckpoint(keras.callbacks.Callback):
         self.checkpoints = checkpoints
         self.data_state = data_state
         self.on_save = on_save
+        self.last_step: int | None = None  # the step of the newest save
 
     def on_epoch_end(self, epoch, logs=None):
+        from keras_aim.training.interrupts import check_finite_weights
+
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        check_finite_weights(self.model, f"the checkpoint of step {step}")
         state = self.data_state(step) if self.data_state else None
         path = self.checkpoints.save(self.model, step, data_state=state)
+        self.last_step = step
         if self.on_save:
             self.on_save(step, path)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_aim.utils.arguments import check_learning_rate
+
 # Variables without weight decay: biases, LayerNorm scale/offset (the fixed
 # position embeddings have no variables).
 NO_WEIGHT_DECAY = ["bias", "gamma", "beta"]
@@ -32,6 +34,7 @@ def pretraining_optimizer(
     step, so give `total_steps` in steps, not in updates. With TensorFlow it
     is `distribution_tf.GlobalNormClipAdamW`, which clips the gradient of
     the whole global batch under a `tf.distribute` strategy."""
+    check_learning_rate("pretraining_optimizer", learning_rate)
     schedule = learning_rate
     if total_steps:
         if total_steps < 2:
@@ -71,6 +74,7 @@ def adamw_warmup_cosine(
     """AdamW whose rate rises linearly from 0 over the first 10% of
     `total_steps` (batches, accumulated or not), then follows a cosine decay
     to 0 (probes, LoRA)."""
+    check_learning_rate("adamw_warmup_cosine", learning_rate)
     warmup = max(1, total_steps // 10)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=max(1, total_steps - warmup), warmup_target=learning_rate,

@@ -21,6 +21,7 @@ import numpy as np
 
 from keras_aim.layers import AIMAttentionProbe
 from keras_aim.training.distribution import each_process_alone
+from keras_aim.training.interrupts import StopOnNonFinite, check_finite_weights
 from keras_aim.training.optimizers import adamw_warmup_cosine
 from keras_aim.utils.atomic_files import atomic_directory, atomic_file
 
@@ -287,7 +288,8 @@ def train_attentive_probe(
             metrics=["accuracy"],
         )
         model.fit(features, labels, batch_size=batch_size, epochs=epochs, verbose=verbose,
-                  callbacks=list(callbacks))
+                  callbacks=[StopOnNonFinite(), *callbacks])
+    check_finite_weights(model, "the probe")
     return model
 
 

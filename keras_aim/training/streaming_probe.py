@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from keras_aim.layers import AIMAttentionProbe
+from keras_aim.training.interrupts import StopOnNonFinite, check_finite_weights
 from keras_aim.training.optimizers import adamw_warmup_cosine
 
 
@@ -107,9 +108,10 @@ def train_streaming_probe(
     )
     model.fit(
         batches, epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=verbose,
-        callbacks=list(callbacks),
+        callbacks=[StopOnNonFinite(), *callbacks],
         shuffle=False,  # the stream is shuffled by its pipeline
     )
+    check_finite_weights(probe, "the probe")
     return model
 
 

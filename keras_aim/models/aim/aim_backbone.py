@@ -20,6 +20,7 @@ from keras_aim.loading.lean_loading import (
     zeros_while_loading,
 )
 from keras_aim.loading.preset_dtype import saved_policy_map
+from keras_aim.loading.strict_weights import StrictWeights, preset_weights
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_image_classifier_preprocessor import (
     AIMImageClassifierPreprocessor,
@@ -28,6 +29,7 @@ from keras_aim.models.aim.aim_image_converter import AIMImageConverter
 from keras_aim.models.aim.convert_aim import load_official_weights
 from keras_aim.models.intermediates import TrunkIntermediates
 from keras_aim.training import distribution
+from keras_aim.training.lora import LoRAFiles
 from keras_aim.utils import image_inputs
 from keras_aim.utils.arguments import check_positive_ints
 from keras_aim.utils.class_properties import classproperty
@@ -35,7 +37,7 @@ from keras_aim.utils.image_shapes import check_image_shape, check_patch_multiple
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMBackbone(TrunkIntermediates, Backbone):
+class AIMBackbone(TrunkIntermediates, StrictWeights, LoRAFiles, Backbone):
     """The AIM-v1 trunk: a ViT without class token.
 
     Inputs are ImageNet-normalized float images (`AIMImageConverter` makes
@@ -352,7 +354,9 @@ class AIMBackbone(TrunkIntermediates, Backbone):
         return config
 
     @classmethod
-    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
+    def from_preset(
+        cls, preset: str, load_weights: bool = True, allow_partial: bool = False, **kwargs
+    ):
         """Builds an AIM trunk from a preset.
 
         `preset` is one of `keras_aim.AIM_PRESETS` (`aim_600m`, `aim_1b`,
@@ -363,7 +367,18 @@ class AIMBackbone(TrunkIntermediates, Backbone):
         keras-hub preset directory, or a `kaggle://` / `hf://` handle.
         Keyword arguments override the config (e.g. `dtype="bfloat16"`,
         `image_shape=(None, None, 3)`).
+
+        Loading is strict both ways: weights lacking variables of the model
+        its config describes, or with other shapes, are refused, and so are
+        weights holding more (e.g. a 4-block trunk's under a config of 2
+        blocks), unless `allow_partial=True`, which loads only the variables
+        the model has (see `keras_aim.loading.strict_weights`).
         """
+        with preset_weights(preset, allow_partial, kwargs):
+            return cls._from_preset(preset, load_weights, **kwargs)
+
+    @classmethod
+    def _from_preset(cls, preset, load_weights: bool, **kwargs):
         name, release_dir = aim_presets.resolve_release(preset)
         if name is not None:
             if not load_weights:

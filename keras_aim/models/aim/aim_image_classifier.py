@@ -12,6 +12,7 @@ from keras_aim.layers import AIMAttentionProbe
 from keras_aim.loading import preset_cache, preset_folder
 from keras_aim.loading.lean_loading import limit_heap_fragmentation
 from keras_aim.loading.preset_dtype import saved_policy_map
+from keras_aim.loading.strict_weights import StrictWeights, check_weights_file, preset_weights
 from keras_aim.models.aim import aim_presets
 from keras_aim.models.aim.aim_backbone import (
     AIMBackbone,
@@ -88,7 +89,9 @@ def resolve_probe_layers(probe_layers: ProbeLayers, backbone) -> tuple[int, ...]
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClassifier):
+class AIMImageClassifier(
+    ClassifierIntermediates, QuantizeNetworkOnly, StrictWeights, ImageClassifier
+):
     """AIM trunk + attentive probe over the average of several blocks.
 
     Calling the classifier takes ImageNet-normalized float images of the
@@ -230,8 +233,16 @@ class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClas
             config["head_dtype"] = keras.dtype_policies.get(config["head_dtype"])
         return super().from_config(config)
 
+    def load_task_weights(self, filepath) -> None:
+        """Loads the probe's weights (`save_task_weights`' file) after
+        checking that the file holds exactly this probe's variables."""
+        check_weights_file(self, filepath, objects_to_skip=list(self.backbone._flatten_layers()))
+        super().load_task_weights(filepath)
+
     @classmethod
-    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
+    def from_preset(
+        cls, preset: str, load_weights: bool = True, allow_partial: bool = False, **kwargs
+    ):
         """Builds the classifier from a preset.
 
         For a released preset name (`aim_600m`, ...) or a directory of
@@ -240,7 +251,9 @@ class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClas
         head) and the evaluation preprocessor, with weights downloaded,
         verified and cached on first use. Passing `num_classes` builds a new,
         untrained probe instead (as keras-hub does). Local keras-hub preset
-        directories and `kaggle://` / `hf://` handles go through keras-hub.
+        directories and `kaggle://` / `hf://` handles go through keras-hub,
+        strictly both ways unless `allow_partial=True` (see
+        `AIMBackbone.from_preset`).
         """
         name, release_dir = aim_presets.resolve_release(preset)
         if name is None:
@@ -249,7 +262,8 @@ class AIMImageClassifier(ClassifierIntermediates, QuantizeNetworkOnly, ImageClas
             limit_heap_fragmentation()  # keeps loading near 1x the weights
             if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
                 kwargs["dtype"] = saved_policy_map(preset)  # a quantized preset
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+            with preset_weights(preset, allow_partial, kwargs):
+                return super().from_preset(preset, load_weights=load_weights, **kwargs)
         entry = get_preset(name)
         backbone_kwargs = {
             k: kwargs.pop(k) for k in ("dtype", "image_shape") if k in kwargs

@@ -7,6 +7,7 @@ from keras import ops
 from keras_hub.models import Task
 
 from keras_aim.layers import AIMPixelHead, AIMPrefixSampler, prefix_causal_mask
+from keras_aim.loading.strict_weights import StrictWeights
 from keras_aim.models.aim.aim_backbone import AIMBackbone
 from keras_aim.training.losses import (
     next_patch_pixel_loss_terms,
@@ -17,7 +18,7 @@ from keras_aim.training.losses import (
 from keras_aim.training.optimizers import pretraining_optimizer
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMPretrainer(Task):
+class AIMPretrainer(StrictWeights, Task):
     """AIM pre-training: prefix-causal trunk + pixel head + normalized-pixel
     loss, trained with `fit` on any backend.
 

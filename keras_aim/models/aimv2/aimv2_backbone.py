@@ -21,6 +21,7 @@ from keras_aim.loading.lean_loading import (
     zeros_while_loading,
 )
 from keras_aim.loading.preset_dtype import saved_policy_map
+from keras_aim.loading.strict_weights import StrictWeights, preset_weights
 from keras_aim.models.aim.aim_backbone import AIMBackbone, _check_config
 from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
@@ -29,13 +30,14 @@ from keras_aim.models.aimv2.aimv2_image_classifier_preprocessor import (
 from keras_aim.models.aimv2.aimv2_image_converter import AIMv2ImageConverter
 from keras_aim.models.aimv2.convert_aimv2 import check_release_file, load_aimv2_weights
 from keras_aim.models.intermediates import TrunkIntermediates
+from keras_aim.training.lora import LoRAFiles
 from keras_aim.utils.class_properties import classproperty
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMv2Backbone(TrunkIntermediates, Backbone):
+class AIMv2Backbone(TrunkIntermediates, StrictWeights, LoRAFiles, Backbone):
     """The AIMv2 vision encoder: a ViT without class token.
 
     images `(B, H, W, C)` -> patch conv (with bias) + RMSNorm
@@ -225,7 +227,8 @@ class AIMv2Backbone(TrunkIntermediates, Backbone):
 
     @classmethod
     def from_preset(
-        cls, preset: str, load_weights: bool = True, checkpoint=None, **kwargs
+        cls, preset: str, load_weights: bool = True, checkpoint=None,
+        allow_partial: bool = False, **kwargs
     ):
         """Builds an AIMv2 vision encoder from a preset.
 
@@ -242,9 +245,15 @@ class AIMv2Backbone(TrunkIntermediates, Backbone):
         checkpoint saved with transformers. Keyword arguments override the
         config (e.g. `dtype="bfloat16"`, `image_shape=(None, None, 3),
         resample_position_embedding=True`).
+
+        Loading a preset directory is strict both ways (see
+        `AIMBackbone.from_preset`); `allow_partial=True` accepts weights
+        holding more variables than the config describes.
         """
         if not aimv2_presets.is_preset_name(preset):
-            return keras_hub_preset(super().from_preset, preset, load_weights, **kwargs)
+            return keras_hub_preset(
+                super().from_preset, preset, load_weights, allow_partial, **kwargs
+            )
         return from_release(
             cls, preset, "vision", lambda entry, **kw: cls(**{**entry["config"], **kw}),
             load_weights, checkpoint, **kwargs,
@@ -275,16 +284,19 @@ def evaluation_preprocessor(name: str) -> AIMv2ImageClassifierPreprocessor:
     return AIMv2ImageClassifierPreprocessor(evaluation_converter(name))
 
 
-def keras_hub_preset(from_preset, preset, load_weights: bool, **kwargs):
+def keras_hub_preset(
+    from_preset, preset, load_weights: bool, allow_partial: bool = False, **kwargs
+):
     """keras-hub's `from_preset` (the bound base method) for preset
     directories and handles, loading lean (see `loading.lean_loading`), with
-    a quantized preset's saved dtype policies (see `loading.preset_dtype`)."""
+    a quantized preset's saved dtype policies (see `loading.preset_dtype`),
+    strictly unless `allow_partial` (see `loading.strict_weights`)."""
     limit_heap_fragmentation()
     if kwargs.get("dtype") is None and saved_policy_map(preset) is not None:
         kwargs["dtype"] = saved_policy_map(preset)
     if not load_weights:
         return from_preset(preset, load_weights=False, **kwargs)
-    with variables_to_be_overwritten():  # the strict load fills every one
+    with variables_to_be_overwritten(), preset_weights(preset, allow_partial, kwargs):
         return from_preset(preset, load_weights=True, **kwargs)
 
 

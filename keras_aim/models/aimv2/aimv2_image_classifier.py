@@ -45,13 +45,18 @@ class AIMv2ImageClassifier(AIMImageClassifier):
         return aimv2_presets.listing("classifier")
 
     @classmethod
-    def from_preset(cls, preset: str, load_weights: bool = True, **kwargs):
+    def from_preset(
+        cls, preset: str, load_weights: bool = True, allow_partial: bool = False, **kwargs
+    ):
         """An untrained probe on a preset's trunk: for a released AIMv2
         preset name, `num_classes` is required (there are no released
         heads) and the evaluation preprocessor is attached. Other presets
-        (directories, handles) go through keras-hub."""
+        (directories, handles) go through keras-hub (`allow_partial` as in
+        `AIMImageClassifier.from_preset`)."""
         if not aimv2_presets.is_preset_name(preset):
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+            return super().from_preset(
+                preset, load_weights=load_weights, allow_partial=allow_partial, **kwargs
+            )
         if "num_classes" not in kwargs:
             raise ValueError(
                 f"Apple released no classifier heads for AIMv2; pass "

@@ -27,6 +27,7 @@ from keras_hub.models import Backbone
 from keras_aim.layers import AIMAttentionProbe, AIMv2TransformerBlock
 from keras_aim.layers.remat import make_blocks
 from keras_aim.loading.lean_loading import zeros_while_loading
+from keras_aim.loading.strict_weights import StrictWeights
 from keras_aim.models.aimv2 import aimv2_presets
 from keras_aim.models.aimv2.aimv2_backbone import (
     AIMv2Backbone,
@@ -281,7 +282,7 @@ class AIMv2LogitScale(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_aim")
-class AIMv2LiT(Backbone):
+class AIMv2LiT(StrictWeights, Backbone):
     """AIMv2 LiT: an AIMv2 image tower and a causal text tower aligned in
     one embedding space (zero-shot classification, retrieval).
 
@@ -412,14 +413,18 @@ class AIMv2LiT(Backbone):
         return aimv2_presets.listing("lit")
 
     @classmethod
-    def from_preset(cls, preset: str, load_weights: bool = True, checkpoint=None, **kwargs):
+    def from_preset(cls, preset: str, load_weights: bool = True, checkpoint=None,
+                    allow_partial: bool = False, **kwargs):
         """The LiT model of preset `aimv2_large_patch14_224_lit` (the
         release downloaded at its pinned revision, checked, converted and
         cached on first use), of a local keras-hub preset directory or a
         handle. `checkpoint`: a local checkpoint (Apple's or transformers'
-        names) to load instead of the release. `dtype` may be given."""
+        names) to load instead of the release. `dtype` may be given.
+        `allow_partial` as in `AIMv2Backbone.from_preset`."""
         if not aimv2_presets.is_preset_name(preset):
-            return keras_hub_preset(super().from_preset, preset, load_weights, **kwargs)
+            return keras_hub_preset(
+                super().from_preset, preset, load_weights, allow_partial, **kwargs
+            )
         return from_release(
             cls, preset, "lit", _lit_from_table, load_weights, checkpoint, **kwargs
         )
