@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -326,8 +327,10 @@ def claim_run_folder(folder: str, recipe: str, resume: bool) -> None:
     marker = os.path.join(folder, RUN_FILE)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"{folder} is a file; the run needs a folder.")
+    # The lock, and the backups of a multi-process run's other processes
+    # (which may start before process 0 claims the folder), are the run's.
     contents = [name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-                if name != LOCK_FILE]
+                if name != LOCK_FILE and not re.fullmatch(r"backup-process\d+", name)]
     if resume and not contents:
         raise ValueError(
             f"Nothing to resume in {folder}: "

@@ -84,8 +84,10 @@ def test_the_recipe_refuses_zero_workers(tmp_path, capsys):
     from recipes import scaling_study
 
     out = tmp_path / "study"
-    assert scaling_study.main(["--out", str(out), "--quick", "--workers", "0"]) == 1
-    assert "workers must be at least 1; got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # refused when parsed
+        scaling_study.main(["--out", str(out), "--quick", "--workers", "0"])
+    assert stop.value.code == 2
+    assert "argument --workers: must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -43,8 +43,9 @@ def scaled_dot_product_attention(q, k, v, mask=None, flash_attention=None):
     query, one image) corrupt the heap (tensorflow/tensorflow#117700,
     #123109): a native crash in some runs, with no error to catch. This
     path uses rank-3 `matmul`s over `B * H` instead (the same arithmetic;
-    logits and softmax in float32, as Keras does)."""
-    if keras.config.backend() != "tensorflow":
+    logits and softmax in float32, as Keras does). `flash_attention=True`
+    always goes to Keras (which says where it cannot run)."""
+    if keras.config.backend() != "tensorflow" or flash_attention:
         return ops.dot_product_attention(q, k, v, mask=mask, flash_attention=flash_attention)
     batch, length, heads, head_dim = ops.shape(q)
     keys = ops.shape(k)[1]
