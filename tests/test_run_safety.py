@@ -214,3 +214,33 @@ def test_check_finite_weights_names_the_broken_variables():
     layer.kernel.assign(np.full((3, 2), np.inf, "float32"))
     with pytest.raises(NonFiniteError, match=r"1 variables hold NaN.*kernel.*the model was not saved"):
         check_finite_weights(model, "the model")
+
+
+def test_a_signal_during_a_probe_fit_stops_at_the_epoch_end_with_its_backup(tmp_path):
+    """The probe and LoRA recipes' stop: a real SIGTERM mid-epoch ends the
+    fit at that epoch's end with `Interrupted` (exit code 143), its backup
+    kept (Keras deletes it when a fit ends normally), and the resumed fit
+    runs only the epochs left."""
+    from keras_aim.training import probing
+    from keras_aim.training.checkpointing import backup_epoch, fit_callbacks
+    from keras_aim.training.interrupts import Interrupted, Interrupts
+
+    features = np.random.RandomState(0).normal(size=(40, 4, 8)).astype("float32")
+    labels = np.arange(40) % 3
+
+    class Terminate(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(to_numpy(self.model.optimizer.iterations)) == 6:  # epoch 2 of 4
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    with Interrupts() as interrupts, pytest.raises(Interrupted) as stop:
+        probing.train_attentive_probe(
+            features, labels, 3, 2, epochs=4, batch_size=10,
+            callbacks=[*fit_callbacks(str(tmp_path)), Terminate(), interrupts.callback("epoch")],
+        )
+    assert stop.value.exit_code == 143 and backup_epoch(str(tmp_path)) == 2
+    model = probing.train_attentive_probe(
+        features, labels, 3, 2, epochs=4, batch_size=10,
+        callbacks=fit_callbacks(str(tmp_path), True),
+    )
+    assert int(to_numpy(model.optimizer.iterations)) == 16

@@ -55,8 +55,8 @@ class Interrupts:
     fit, SIGINT raises `KeyboardInterrupt` and SIGTERM ends the process as
     usual (nothing to save yet). `armed=True` keeps it armed for the whole
     `with` block (a run of several fits that checks `received` between
-    them). Outside the main thread (where Python
-    cannot install handlers) it does nothing.
+    them). Outside the main thread (where Python cannot install handlers)
+    it does nothing.
 
         with Interrupts() as interrupts:
             model.fit(..., callbacks=[interrupts.callback()])
