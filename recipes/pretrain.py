@@ -251,14 +251,15 @@ def train(args, config: dict, training, checkpoints, images, interrupts,
     log = progress[0].bar.write if progress else say
     saver = StepCheckpoint(checkpoints, data_state, on_save=lambda at, path: (
         args.verbose and log(f"step {at}/{total}: checkpoint {path}")))
+    non_finite = StopOnNonFinite("lower the config's learning_rate, then resume from "
+                                 "the newest checkpoint (written before the loss broke)")
     callbacks = [
-        StopOnNonFinite("lower the config's learning_rate, then resume from the "
-                        "newest checkpoint (written before the loss broke)"),
+        non_finite,
         keras.callbacks.CSVLogger(join(args.workdir, "log.csv"), append=True),
         keras.callbacks.TensorBoard(join(args.workdir, "tensorboard")),
         *progress,
         *extra_callbacks,
-    ] if training.is_primary else [StopOnNonFinite(), *extra_callbacks]
+    ] if training.is_primary else [non_finite, *extra_callbacks]
     across = training.multi_host and keras.config.backend() == "jax"
     callbacks += [saver, StopAtStep(total),
                   interrupts.callback(at="batch", across_processes=across)]

@@ -194,12 +194,14 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 def check_finite_weights(model, what: str) -> None:
     """Raises `NonFiniteError` naming the first variables of `model` that
-    hold a NaN or infinity (call before saving `what`)."""
-    broken = [
-        variable.path for variable in model.weights
-        if "float" in str(variable.dtype)
-        and not bool(keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(variable))))
-    ]
+    hold a NaN or infinity (call before saving `what`). One reduction per
+    variable, read back in one transfer (not one per variable)."""
+    floats = [variable for variable in model.weights if "float" in str(variable.dtype)]
+    if not floats:
+        return
+    finite = keras.ops.convert_to_numpy(keras.ops.stack(
+        [keras.ops.all(keras.ops.isfinite(variable)) for variable in floats]))
+    broken = [variable.path for variable, ok in zip(floats, finite) if not ok]
     if broken:
         names = ", ".join(broken[:3]) + (", ..." if len(broken) > 3 else "")
         raise NonFiniteError(
